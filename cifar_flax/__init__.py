@@ -1,0 +1,1 @@
+"""cifar-flax: classic CNNs on CIFAR-10 in JAX/Flax."""
