@@ -7,7 +7,8 @@ go through `load_rgb32`, so training and inference see exactly the same pixels.
 from __future__ import annotations
 
 import os
-from typing import Union
+import sys
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,23 +28,32 @@ class ImageError(ValueError):
     """An input that cannot be turned into an image (the message names it)."""
 
 
-def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def open_image(source: ImageSource) -> Image.Image:
     """Open `source` (path, PIL image or numpy array) as a fully loaded PIL image.
 
     EXIF orientation is applied and animated images give their first frame.
-    `draft_size` lets JPEGs decode at a reduced scale that is still at least that
-    size (much faster for large photos headed for 32x32).
-
     Raises FileNotFoundError / IsADirectoryError for bad paths and ImageError for
     empty, non-image, truncated or oversized (decompression bomb) files.
+    """
+    return _open(source, draft_size=None)[0]
+
+
+def _open(
+    source: ImageSource, *, draft_size: tuple[int, int] | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """open_image plus the stored size (before any JPEG draft reduction).
+
+    `draft_size` lets JPEGs decode at a reduced DCT scale that is still at least
+    that size (much faster for large photos headed for 32x32).
     """
     if isinstance(source, Image.Image):
         image = source
         if getattr(image, "is_animated", False):
             image.seek(0)
-        return _load_oriented(image, name=_describe(image))
+        return _load_oriented(image, name=_describe(image)), image.size
     if isinstance(source, np.ndarray):
-        return _array_to_image(source)
+        image = _array_to_image(source)
+        return image, image.size
     if not isinstance(source, (str, os.PathLike)):
         raise ImageError(
             f"Unsupported image source of type {type(source).__name__}; "
@@ -66,12 +76,13 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
         except UnidentifiedImageError as error:
             raise ImageError(f"Not a readable image file: {path}") from error
         with image:
+            stored_size = image.size
             _check_pixel_count(image, path)
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", draft_size)
             # `seek(0)` is the default frame; loading it reads only that frame.
             image = _load_oriented(image, name=path)
-    return image
+    return image, stored_size
 
 
 def to_rgb_uint8(image: Image.Image) -> np.ndarray:
@@ -89,10 +100,45 @@ def load_rgb32(source: ImageSource) -> np.ndarray:
     Images of another size are resized with Lanczos (antialiased) filtering;
     non-square images are squashed, not cropped, so no content is lost.
     """
-    image = _to_rgb_image(open_image(source, draft_size=CIFAR_SIZE))
+    return _load_rgb32(source)[0]
+
+
+def load_rgb32_many(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, int]:
+    """`load_rgb32` over many files: ((N, 32, 32, 3) uint8, how many were resized).
+
+    A plain module-level function so process pools can run it on chunks of files.
+    """
+    images = np.empty((len(paths), *CIFAR_SIZE, 3), np.uint8)
+    resized = 0
+    for index, path in enumerate(paths):
+        images[index], was_resized = _load_rgb32(path)
+        resized += was_resized
+    return images, resized
+
+
+def decode_worker_main() -> int:
+    """Entry point of a decoding subprocess (see cifar_flax.data): NUL-separated paths on
+    stdin -> 8-byte little-endian resized count, then (N, 32, 32, 3) uint8 pixels, on stdout.
+    Errors go to stderr as "<ExceptionType>: <message>" with exit status 2."""
+    paths = [os.fsdecode(path) for path in sys.stdin.buffer.read().split(b"\0") if path]
+    try:
+        images, resized = load_rgb32_many(paths)
+    except (OSError, ValueError) as error:
+        sys.stderr.write(f"{type(error).__name__}: {error}")
+        return 2
+    sys.stdout.buffer.write(np.int64(resized).astype("<i8").tobytes())
+    sys.stdout.buffer.write(images.tobytes())
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _load_rgb32(source: ImageSource) -> tuple[np.ndarray, bool]:
+    image, stored_size = _open(source, draft_size=CIFAR_SIZE)
+    image = _to_rgb_image(image)
+    resized = stored_size != CIFAR_SIZE
     if image.size != CIFAR_SIZE:
         image = image.resize(CIFAR_SIZE, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(image, dtype=np.uint8), resized
 
 
 def _describe(image: Image.Image) -> str:
