@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from cifar_flax.images import ImageError, load_rgb32, open_image, to_rgb_uint8
+from cifar_flax.images import ImageError, load_rgb32, load_rgb32_many, open_image, to_rgb_uint8
 
 RED = (255, 0, 0)
 WHITE = (255, 255, 255)
@@ -234,3 +234,15 @@ def test_decompression_bomb(tmp_path, monkeypatch, side):
 
 def test_image_error_is_value_error():
     assert issubclass(ImageError, ValueError)
+
+
+def test_load_rgb32_many_counts_resized(tmp_path):
+    paths = []
+    for index, size in enumerate([(32, 32), (64, 64), (40, 20)]):
+        path = tmp_path / f"{index}.jpg"
+        Image.new("RGB", size, (200, 100, 50)).save(path, quality=95)
+        paths.append(path)
+    images, resized = load_rgb32_many(paths)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert resized == 2  # the 64x64 JPEG counts even though it decodes at 32x32 via draft
+    assert np.abs(images.astype(int) - (200, 100, 50)).max() <= 3
