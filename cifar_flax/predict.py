@@ -196,8 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m cifar_flax.predict', description='Classify image files with a trained CIFAR-10 network.')
     parser.add_argument('files', nargs='+', help='image files (jpg, png, bmp, gif, webp, ...)')
-    parser.add_argument('--model', default='resnet18',
-                        help='network name (uses its best run under --ckpt-root) or a run folder (default: resnet18)')
+    parser.add_argument('--model', required=True,
+                        help='network name (uses its best run under --ckpt-root) or a run folder')
     parser.add_argument('--ckpt-root', default='ckpt', help='folder holding the run folders (default: ckpt)')
     parser.add_argument('--top-k', type=int, default=3, help='how many classes to print per file (default: 3)')
     parser.add_argument('--json', action='store_true', help='print one JSON document instead of text lines')

@@ -6,12 +6,10 @@ all tests here; the command line is tested in subprocesses.
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,12 +25,14 @@ from tests.fixtures_runs import lenet_run, tiny_ckpt_root  # noqa: F401  (sessio
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _die_with_parent() -> None:
-    """In the Xvfb child: get SIGTERM when pytest dies, even by SIGKILL."""
-    try:
-        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _die_with_parent(command: list[str]) -> list[str]:
+    """Make the server get SIGTERM when pytest dies, even by SIGKILL (util-linux setpriv).
+
+    Done with setpriv rather than a preexec_fn, which would fork the multithreaded
+    JAX process.
+    """
+    setpriv = shutil.which('setpriv')
+    return [setpriv, '--pdeathsig', 'TERM', *command] if setpriv else command
 
 
 @pytest.fixture(scope='session')
@@ -42,9 +42,8 @@ def x_display():
         pytest.skip('Xvfb is not installed (apt-get install xvfb); UI tests need a display')
     read_fd, write_fd = os.pipe()
     server = subprocess.Popen(
-        ['Xvfb', '-displayfd', str(write_fd), '-screen', '0', '1280x1024x24', '-nolisten', 'tcp'],
-        pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent)
+        _die_with_parent(['Xvfb', '-displayfd', str(write_fd), '-screen', '0', '1280x1024x24', '-nolisten', 'tcp']),
+        pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write_fd)
     try:
         with os.fdopen(read_fd) as pipe:  # Xvfb writes the display number it chose
