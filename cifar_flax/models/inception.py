@@ -1,0 +1,73 @@
+"""Inception-10 (a small GoogLeNet): four 4-branch blocks on a 16-filter stem."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .layers import Conv, batch_norm, dense, get_activation, global_avg_pool, max_pool
+
+BN_MODES = ('batch', 'frozen')
+
+
+class ConvBNAct(nn.Module):
+    """CBA(c, k, s): Conv c kxk stride s 'same' -> BN -> act."""
+    features: int
+    kernel_size: int
+    strides: int = 1
+    activation: str = 'relu'
+    dtype: Any = jnp.float32
+    conv: str = 'auto'
+    frozen_bn: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = Conv(self.features, self.kernel_size, self.strides, padding='SAME',
+                 dtype=self.dtype, impl=self.conv)(x)
+        x = batch_norm(train, self.dtype, frozen=self.frozen_bn)(x)
+        return get_activation(self.activation)(x)
+
+
+class InceptionBlock(nn.Module):
+    features: int
+    strides: int
+    activation: str = 'relu'
+    dtype: Any = jnp.float32
+    conv: str = 'auto'
+    pool: str = 'auto'
+    frozen_bn: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        def cba(k, s=1):
+            return ConvBNAct(self.features, k, s, self.activation, self.dtype, self.conv, self.frozen_bn)
+
+        s = self.strides
+        b1 = cba(1, s)(x, train)
+        b2 = cba(3)(cba(1, s)(x, train), train)
+        b3 = cba(5)(cba(1, s)(x, train), train)
+        b4 = cba(1, s)(max_pool(x, 3, 1, padding='SAME', impl=self.pool), train)
+        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+
+
+class Inception10(nn.Module):
+    num_classes: int = 10
+    activation: str = 'relu'
+    dtype: Any = jnp.float32
+    conv: str = 'auto'
+    pool: str = 'auto'
+    bn: str = 'batch'
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.bn not in BN_MODES:
+            raise ValueError(f'unknown bn mode {self.bn!r}; valid: {list(BN_MODES)}')
+        frozen = self.bn == 'frozen'
+        x = x.astype(self.dtype)
+        x = ConvBNAct(16, 3, 1, self.activation, self.dtype, self.conv, frozen)(x, train)
+        for features, strides in ((16, 2), (16, 1), (32, 2), (32, 1)):
+            x = InceptionBlock(features, strides, self.activation, self.dtype, self.conv,
+                               self.pool, frozen)(x, train)
+        x = global_avg_pool(x)
+        return dense(self.num_classes, self.dtype)(x).astype(jnp.float32)

@@ -1,0 +1,235 @@
+"""Building blocks shared by the networks: activations, a Conv with switchable
+implementation, fast max pooling and Keras-style BatchNorm.
+
+Why a custom Conv: XLA:CPU's native convolution (and its backward pass) is an
+order of magnitude slower than a matrix multiply of the same FLOPs on this kind
+of machine, while on GPU the native convolution is the fast path. ``Conv`` keeps
+the exact parameter layout of ``flax.linen.Conv`` (``kernel`` (kh, kw, cin, cout),
+``bias`` (cout,)) so checkpoints do not depend on the implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': nn.relu,
+    'sigmoid': nn.sigmoid,
+    'tanh': jnp.tanh,
+    'gelu': nn.gelu,
+    'silu': nn.silu,
+    'elu': nn.elu,
+    'leaky_relu': nn.leaky_relu,
+}
+
+CONV_IMPLS = ('auto', 'xla', 'gemm')
+POOL_IMPLS = ('auto', 'xla', 'slices')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+# Keras defaults, so that runs are comparable with the Keras reference code.
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+default_kernel_init = nn.initializers.glorot_uniform()
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f'unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}') from None
+
+
+def get_dtype(dtype: Any) -> Any:
+    """'float32'/'bfloat16' (or the jnp types themselves) -> jnp dtype."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(DTYPES)}')
+        return DTYPES[dtype]
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(DTYPES)}')
+    return dtype
+
+
+def check_impl(impl: str, valid: Sequence[str], what: str) -> str:
+    if impl not in valid:
+        raise ValueError(f'unknown {what} implementation {impl!r}; valid: {list(valid)}')
+    return impl
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """'auto' -> the implementation measured fastest on the current backend.
+
+    Decided at trace time: gemm (im2col + one matmul) on CPU, where XLA's native
+    convolution is slow; the native convolution everywhere else (GPU/TPU).
+    """
+    check_impl(impl, CONV_IMPLS, 'conv')
+    if impl != 'auto':
+        return impl
+    return 'gemm' if jax.default_backend() == 'cpu' else 'xla'
+
+
+def resolve_pool_impl(impl: str) -> str:
+    """'auto' -> max over shifted slices on CPU (reduce_window's backward,
+    select_and_scatter, is slow there), reduce_window elsewhere."""
+    check_impl(impl, POOL_IMPLS, 'pool')
+    if impl != 'auto':
+        return impl
+    return 'slices' if jax.default_backend() == 'cpu' else 'xla'
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _pads(in_hw, window, strides, padding: str):
+    """TF/Keras 'SAME' or 'VALID' -> ((lo, hi), (lo, hi)) spatial padding."""
+    padding = padding.upper()
+    if padding not in ('SAME', 'VALID'):
+        raise ValueError(f"unknown padding {padding!r}; valid: ['SAME', 'VALID']")
+    return lax.padtype_to_pads(in_hw, window, strides, padding)
+
+
+def _shifted_slices(x, window, strides, out_hw):
+    """Yield the kh*kw strided views x[:, i::s, j::s, :] of size out_hw (row-major in (i, j))."""
+    (kh, kw), (sh, sw), (oh, ow) = window, strides, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            yield lax.slice(
+                x, (0, i, j, 0),
+                (x.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, x.shape[3]),
+                (1, sh, sw, 1))
+
+
+def _out_hw(padded_hw, window, strides):
+    return tuple((p - k) // s + 1 for p, k, s in zip(padded_hw, window, strides))
+
+
+def conv_gemm(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
+    """NHWC convolution as im2col + one matmul (XLA:CPU runs dots far faster than convs).
+
+    1x1 kernels are a plain matmul (after striding). kxk kernels concatenate the
+    k*k shifted views on the channel axis, in the (kh, kw, cin) order of the
+    kernel, and contract once with kernel.reshape(kh*kw*cin, cout); the backward
+    pass is then two matmuls plus the pad/slice transposes.
+    """
+    kh, kw, cin, cout = kernel.shape
+    window, strides = (kh, kw), _pair(strides)
+    pads = _pads(x.shape[1:3], window, strides, padding)
+    if any(p != (0, 0) for p in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_hw = _out_hw(x.shape[1:3], window, strides)
+    if kh == kw == 1:
+        patches = x if strides == (1, 1) else next(_shifted_slices(x, window, strides, out_hw))
+    else:
+        patches = jnp.concatenate(list(_shifted_slices(x, window, strides, out_hw)), axis=-1)
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                           (((3,), (0,)), ((), ())))
+
+
+def conv_shifted_sum(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
+    """Alternative gemm formulation: sum over the k*k shifted views of one matmul each
+    (no im2col buffer). Kept for benchmarking; measured slower than conv_gemm on CPU."""
+    kh, kw, cin, cout = kernel.shape
+    window, strides = (kh, kw), _pair(strides)
+    pads = _pads(x.shape[1:3], window, strides, padding)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_hw = _out_hw(x.shape[1:3], window, strides)
+    views = _shifted_slices(x, window, strides, out_hw)
+    taps = kernel.reshape(kh * kw, cin, cout)
+    out = None
+    for t, view in enumerate(views):
+        y = lax.dot_general(view, taps[t], (((3,), (0,)), ((), ())))
+        out = y if out is None else out + y
+    return out
+
+
+def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
+    """The native XLA convolution (what nn.Conv does)."""
+    pads = _pads(x.shape[1:3], kernel.shape[:2], _pair(strides), padding)
+    return lax.conv_general_dilated(x, kernel, _pair(strides), pads,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+CONV_FUNCTIONS = {'xla': conv_xla, 'gemm': conv_gemm, 'shifted_sum': conv_shifted_sum}
+
+
+class Conv(nn.Module):
+    """2-D NHWC convolution with the parameter layout of ``nn.Conv`` and an ``impl`` switch."""
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: str = 'SAME'
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    impl: str = 'auto'
+    kernel_init: Callable = default_kernel_init
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = _pair(self.kernel_size)
+        kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                            self.param_dtype)
+        impl = resolve_conv_impl(self.impl)
+        fn = CONV_FUNCTIONS[impl]
+        y = fn(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.strides), self.padding)
+        if self.use_bias:
+            bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def max_pool(x: jax.Array, window: int, strides: int, padding: str = 'VALID', impl: str = 'auto') -> jax.Array:
+    """Max pooling; padded ('SAME') positions count as -inf, as in Keras.
+
+    impl 'slices': when window == stride and the (padded) size divides, a
+    reshape + max; otherwise an elementwise max over the window's shifted views.
+    Both have cheap elementwise backward passes, unlike reduce_window's
+    select_and_scatter on XLA:CPU.
+    """
+    window, strides = _pair(window), _pair(strides)
+    impl = resolve_pool_impl(impl)
+    if impl == 'xla':
+        return nn.max_pool(x, window, strides, padding=padding.upper())
+    pads = _pads(x.shape[1:3], window, strides, padding)
+    if any(p != (0, 0) for p in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    out_hw = _out_hw(x.shape[1:3], window, strides)
+    b, h, w, c = x.shape
+    if window == strides and h == out_hw[0] * strides[0] and w == out_hw[1] * strides[1]:
+        return x.reshape(b, out_hw[0], strides[0], out_hw[1], strides[1], c).max(axis=(2, 4))
+    out = None
+    for view in _shifted_slices(x, window, strides, out_hw):
+        out = view if out is None else jnp.maximum(out, view)
+    return out
+
+
+def batch_norm(train: bool, dtype: Any, name: str | None = None, frozen: bool = False) -> nn.BatchNorm:
+    """Keras-default BatchNorm. ``frozen`` always normalises with the running
+    statistics (never updated), reproducing Keras layers called with training=False."""
+    return nn.BatchNorm(use_running_average=frozen or not train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, dtype: Any, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=default_kernel_init, name=name)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=(1, 2))
+
+
+def flatten(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0], -1)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(tree)))

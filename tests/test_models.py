@@ -1,0 +1,201 @@
+"""Networks: shapes, exact parameter counts, dtypes, train/eval semantics, conv/pool impls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model
+from cifar_flax.models.layers import Conv, conv_gemm, conv_shifted_sum, conv_xla, max_pool
+
+# (trainable params, total size of batch_stats) of the reference Keras models.
+EXPECTED_COUNTS = {
+    'lenet5': (62_006, 0),
+    'alexnet8': (9_638_474, 704),
+    'vgg16': (15_253_578, 8_448),
+    'inception10': (120_234, 1_184),
+    'resnet18': (11_173_962, 9_600),
+}
+SMALL = ('lenet5', 'inception10')  # cheap enough to run forward passes of in every test
+
+
+def init(model, batch=2, seed=0):
+    x = jax.random.normal(jax.random.key(seed), (batch, 32, 32, 3))
+    variables = model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)}, x, train=False)
+    return variables, x
+
+
+def train_apply(model, variables, x, dropout_seed=0):
+    return model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(dropout_seed)},
+                       mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_param_counts_exact(name):
+    model = get_model(name)
+    shapes = jax.eval_shape(lambda: init(model)[0])
+    assert count_params(shapes['params']) == EXPECTED_COUNTS[name][0]
+    assert count_params(shapes.get('batch_stats', {})) == EXPECTED_COUNTS[name][1]
+    if name == 'inception10':
+        frozen = jax.eval_shape(lambda: init(get_model(name, bn='frozen'))[0])
+        assert count_params(frozen['params']) == EXPECTED_COUNTS[name][0]
+        assert count_params(frozen['batch_stats']) == EXPECTED_COUNTS[name][1]
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_output_shape_and_dtype(name):
+    model = get_model(name, num_classes=7)
+    variables, x = init(model, batch=3)
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    logits, updates = train_apply(model, variables, x)
+    assert logits.shape == (3, 7)
+    assert ('batch_stats' in variables) == (name != 'lenet5')
+
+
+def test_googlenet_alias():
+    assert type(get_model('googlenet')) is type(get_model('inception10'))
+
+
+@pytest.mark.parametrize('name', SMALL + ('resnet18',))
+def test_bfloat16_close_to_float32(name):
+    f32 = get_model(name)
+    bf16 = get_model(name, dtype='bfloat16')
+    variables, x = init(f32, batch=4)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(init(bf16)[0]))
+    ref = f32.apply(variables, x, train=False)
+    out = bf16.apply(variables, x, train=False)
+    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    scale = float(jnp.max(jnp.abs(ref))) + 1e-3
+    assert float(jnp.max(jnp.abs(out - ref))) / scale < 0.1
+    grads = jax.grad(lambda p: jnp.sum(train_apply(bf16, {**variables, 'params': p}, x)[0]))(variables['params'])
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+@pytest.mark.parametrize('name', ('alexnet8', 'vgg16'))
+def test_dropout_active_only_in_train(name):
+    model = get_model(name)
+    variables, x = init(model)
+    a, _ = train_apply(model, variables, x, dropout_seed=0)
+    b, _ = train_apply(model, variables, x, dropout_seed=1)
+    assert not np.allclose(a, b)
+    c, _ = train_apply(model, variables, x, dropout_seed=0)
+    np.testing.assert_array_equal(a, c)
+    e1 = model.apply(variables, x, train=False)
+    e2 = model.apply(variables, x, train=False, rngs={'dropout': jax.random.key(5)})
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_batch_stats_update_only_in_train():
+    model = get_model('inception10')
+    variables, x = init(model, batch=4)
+    _, updates = train_apply(model, variables, x)
+    before = jax.tree_util.tree_leaves(variables['batch_stats'])
+    after = jax.tree_util.tree_leaves(updates['batch_stats'])
+    assert any(not np.allclose(u, v) for u, v in zip(before, after))
+    _, eval_updates = model.apply(variables, x, train=False, mutable=['batch_stats'])
+    for u, v in zip(before, jax.tree_util.tree_leaves(eval_updates['batch_stats'])):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_frozen_bn_never_updates_and_uses_initial_stats():
+    frozen = get_model('inception10', bn='frozen')
+    variables, x = init(frozen, batch=4)
+    logits, updates = train_apply(frozen, variables, x)
+    for u, v in zip(jax.tree_util.tree_leaves(variables['batch_stats']),
+                    jax.tree_util.tree_leaves(updates['batch_stats'])):
+        np.testing.assert_array_equal(u, v)
+    # training and inference are the same function when BN is frozen (no dropout in inception10)
+    np.testing.assert_allclose(logits, frozen.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+    # ... and differ from ordinary BN in training mode (batch statistics)
+    batch_logits, _ = train_apply(get_model('inception10'), variables, x)
+    assert not np.allclose(logits, batch_logits, atol=1e-3)
+    # scale and bias still receive gradients
+    grads = jax.grad(lambda p: jnp.sum(train_apply(frozen, {**variables, 'params': p}, x)[0] ** 2))(
+        variables['params'])
+    bn_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if 'BatchNorm' in jax.tree_util.keystr(path)]
+    assert bn_grads and any(float(jnp.abs(g).sum()) > 0 for g in bn_grads)
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match='lenet5'):
+        get_model('lenet6')
+    with pytest.raises(ValueError, match='relu'):
+        get_model('lenet5', activation='swish2')
+    with pytest.raises(ValueError, match='gemm'):
+        get_model('lenet5', conv='cudnn')
+    with pytest.raises(ValueError, match='bfloat16'):
+        get_model('lenet5', dtype='float16')
+    with pytest.raises(ValueError, match='frozen'):
+        model = get_model('inception10', bn='sync')
+        init(model)
+    with pytest.raises(ValueError, match='unknown options'):
+        get_model('lenet5', bn='frozen')
+
+
+@pytest.mark.parametrize('activation', sorted(ACTIVATIONS))
+def test_every_activation(activation):
+    model = get_model('lenet5', activation=activation)
+    variables, x = init(model)
+    logits = model.apply(variables, x)
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+# Every conv configuration the networks use: (kernel, stride, padding, cin, cout, size).
+CONV_CONFIGS = [
+    (5, 1, 'VALID', 3, 6, 32),    # lenet5
+    (3, 1, 'VALID', 3, 8, 32),    # alexnet8
+    (3, 1, 'SAME', 8, 16, 5),     # alexnet8 / vgg16, odd size
+    (3, 1, 'SAME', 4, 8, 2),      # vgg16 last group
+    (1, 1, 'SAME', 8, 4, 8),      # inception 1x1
+    (1, 2, 'SAME', 8, 4, 9),      # inception / resnet projection, odd size
+    (1, 2, 'SAME', 8, 4, 8),
+    (3, 2, 'SAME', 8, 16, 8),     # resnet downsampling
+    (3, 2, 'SAME', 8, 16, 7),
+    (5, 1, 'SAME', 4, 8, 8),      # inception 5x5
+]
+
+
+@pytest.mark.parametrize('k,s,padding,cin,cout,size', CONV_CONFIGS)
+def test_conv_impls_agree(k, s, padding, cin, cout, size):
+    kx, kk = jax.random.split(jax.random.key(k * 100 + s * 10 + size))
+    x = jax.random.normal(kx, (2, size, size, cin))
+    kernel = jax.random.normal(kk, (k, k, cin, cout)) / np.sqrt(k * k * cin)
+
+    def loss(fn, x, kernel):
+        y = fn(x, kernel, (s, s), padding)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(conv_xla, *a), (0, 1), has_aux=True)(x, kernel)
+    for fn in (conv_gemm, conv_shifted_sum):
+        (_, out), grads = jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1), has_aux=True)(x, kernel)
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+        for g, rg in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_module_param_layout_matches_nn_conv():
+    from flax import linen as nn
+    x = jnp.ones((1, 8, 8, 3))
+    ours = jax.eval_shape(lambda: Conv(5, 3, impl='gemm').init(jax.random.key(0), x))
+    ref = jax.eval_shape(lambda: nn.Conv(5, (3, 3)).init(jax.random.key(0), x))
+    assert jax.tree_util.tree_map(lambda a: a.shape, ours) == jax.tree_util.tree_map(lambda a: a.shape, ref)
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_networks_agree_across_conv_impls(name):
+    xla, gemm = get_model(name, conv='xla', pool='xla'), get_model(name, conv='gemm', pool='slices')
+    variables, x = init(xla)
+    np.testing.assert_allclose(gemm.apply(variables, x), xla.apply(variables, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('window,stride,padding,size', [(2, 2, 'VALID', 8), (2, 2, 'SAME', 7), (2, 2, 'SAME', 1),
+                                                        (3, 2, 'VALID', 30), (3, 2, 'VALID', 5),
+                                                        (3, 1, 'SAME', 8), (3, 2, 'SAME', 8)])
+def test_max_pool_impls_agree(window, stride, padding, size):
+    x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
+    f = lambda impl: lambda x: jnp.sum(jnp.cos(max_pool(x, window, stride, padding, impl=impl)))
+    np.testing.assert_allclose(f('slices')(x), f('xla')(x), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(f('slices'))(x), jax.grad(f('xla'))(x), rtol=1e-5, atol=1e-6)
