@@ -73,8 +73,8 @@ def _open(
             image = Image.open(file)
         except Image.DecompressionBombError as error:
             raise ImageError(f"Image is too large (decompression bomb guard): {path}: {error}") from error
-        except UnidentifiedImageError as error:
-            raise ImageError(f"Not a readable image file: {path}") from error
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise ImageError(f"Not a readable image file: {path}: {error}") from error
         with image:
             stored_size = image.size
             _check_pixel_count(image, path)
@@ -106,7 +106,7 @@ def load_rgb32(source: ImageSource) -> np.ndarray:
 def load_rgb32_many(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, int]:
     """`load_rgb32` over many files: ((N, 32, 32, 3) uint8, how many were resized).
 
-    A plain module-level function so process pools can run it on chunks of files.
+    Runs in-process and inside the decoding subprocesses of `cifar_flax.data`.
     """
     images = np.empty((len(paths), *CIFAR_SIZE, 3), np.uint8)
     resized = 0
