@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -253,6 +254,13 @@ def make_mesh(batch_size: int) -> Mesh | None:
   return Mesh(np.array(devices), ("data",))
 
 
+def describe_machine() -> str:
+  """What the run's numbers were measured on, for the results tables."""
+  device = jax.devices()[0]
+  kind = f"{jax.device_count()}x {device.device_kind}" if device.platform != "cpu" else "CPU only"
+  return f"{kind}, {os.cpu_count()} CPU cores ({platform.machine()})"
+
+
 def maybe_initialize_distributed() -> None:
   """Multi-host: join the cluster when a standard launcher set the environment."""
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
@@ -366,12 +374,13 @@ def fit(config: Config, *, fresh: bool = False, dataset: data_lib.Cifar10 | None
   trainer = Trainer(config, dataset, make_mesh(config.batch_size))
   run_dir.mkdir(parents=True, exist_ok=True)
   save_config(config, config_path)
-  log = (lambda *a: None) if config.quiet else print
+  # Quiet mode drops the progress bar; the one-line summaries stay (for logs).
+  log = lambda message: print(message, flush=True)
   log("config: " + json.dumps(config.to_dict()))
 
   state = trainer.init_state()
   history = {"network": config.network, "protocol": config.protocol, "status": "running",
-             "epochs": []}
+             "machine": describe_machine(), "epochs": []}
   manager = checkpoint.make_manager(run_dir)
   restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state))
   if restored is not None:

@@ -1,0 +1,94 @@
+"""Collect finished runs and studies from ckpt/ into results/ with one summary.
+
+  python -m experiments.summarize [--ckpt ckpt] [--results results]
+
+Every number comes from a history.json that a run wrote; a run that has not
+finished is listed as "not run yet" (or with the epochs it has so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+NETWORKS = (("lenet5", "LeNet-5", 0.52), ("alexnet8", "AlexNet", 0.66), ("vgg16", "VGG16", 0.79),
+            ("inception10", "GoogLeNet", 0.73), ("resnet18", "ResNet-18", 0.80))
+RUN_FILES = ("history.json", "curves.png", "config.json")
+STUDY_FILES = ("table.md", "results.json", "figure.png")
+
+
+def _load_history(run_dir: Path) -> dict | None:
+  path = run_dir / "history.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _cell(history: dict | None, planned_epochs: int = 10) -> str:
+  if not history or not history["epochs"]:
+    return "not run yet"
+  last = history["epochs"][-1]
+  best = max(r["test_accuracy"] for r in history["epochs"])
+  text = f"{last['test_accuracy']:.2%} (best {best:.2%})"
+  if history["status"] == "diverged":
+    return text + ", diverged"
+  if history["status"] != "finished":
+    return text + f", {len(history['epochs'])}/{planned_epochs} epochs so far"
+  return text
+
+
+def write_results(ckpt: Path, results: Path, command: str = "python -m experiments.summarize") -> dict:
+  results.mkdir(parents=True, exist_ok=True)
+  rows, summary = [], []
+  for network, title, original in NETWORKS:
+    cells, seconds, machines = {}, {}, set()
+    for protocol in ("seed", "recipe"):
+      run_dir = ckpt / f"{network}-{protocol}"
+      history = _load_history(run_dir)
+      planned = json.loads((run_dir / "config.json").read_text())["epochs"] if history else 10
+      cells[protocol] = _cell(history, planned)
+      if history and history["epochs"]:
+        target = results / "runs" / run_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+          if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, target / name)
+        wall = sum(r["seconds"] for r in history["epochs"])
+        seconds[protocol] = wall
+        machines.add(history.get("machine", "unknown"))
+        summary.append(dict(network=network, protocol=protocol, epochs=len(history["epochs"]),
+                            status=history["status"],
+                            test_accuracy=history["epochs"][-1]["test_accuracy"],
+                            best_test_accuracy=max(r["test_accuracy"] for r in history["epochs"]),
+                            wall_seconds=round(wall, 1), machine=history.get("machine", "unknown")))
+    time_text = " / ".join(f"{seconds[p]:.0f}s" if p in seconds else "-" for p in ("seed", "recipe"))
+    rows.append(f"| {title} | ~{original:.0%} | {cells['seed']} | {cells['recipe']} | 10 | "
+                f"{time_text} | {'; '.join(sorted(machines)) or '-'} |")
+  table = "\n".join([
+      f"Made by `{command}` on CIFAR-10 (JPEG copy). Test accuracy after the final epoch "
+      "(best epoch in brackets).", "",
+      "| network | original | `seed` protocol | `recipe` protocol | epochs | wall time seed / recipe | machine |",
+      "|---|---|---|---|---|---|---|", *rows, ""])
+  (results / "summary.md").write_text(table)
+  (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+  for study_dir in sorted((ckpt / "sweeps").glob("*")) if (ckpt / "sweeps").exists() else []:
+    if (study_dir / "table.md").exists():
+      target = results / "studies" / study_dir.name
+      target.mkdir(parents=True, exist_ok=True)
+      for name in STUDY_FILES:
+        if (study_dir / name).exists():
+          shutil.copy2(study_dir / name, target / name)
+  return {"summary": summary, "table": table}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--ckpt", type=Path, default=Path("ckpt"))
+  parser.add_argument("--results", type=Path, default=Path("results"))
+  args = parser.parse_args(argv)
+  print(write_results(args.ckpt, args.results)["table"])
+
+
+if __name__ == "__main__":
+  main()
