@@ -319,7 +319,7 @@ def _load_image_folder(root: Path, listing: dict[str, list[list[str]]]) -> Cifar
     if resized:
         warnings.warn(
             f"{resized} of {len(files)} images in {root} were not 32x32 and were resized to 32x32.",
-            stacklevel=3,
+            stacklevel=4,  # the caller of load_cifar10
         )
     arrays, start = {}, 0
     for split in SPLITS:
