@@ -78,7 +78,7 @@ def _open(
         with image:
             stored_size = image.size
             _check_pixel_count(image, path)
-            if draft_size is not None and image.format == "JPEG":
+            if _can_draft(image, draft_size):
                 image.draft("RGB", draft_size)
             # `seek(0)` is the default frame; loading it reads only that frame.
             image = _load_oriented(image, name=path)
@@ -139,6 +139,16 @@ def _load_rgb32(source: ImageSource) -> tuple[np.ndarray, bool]:
     if image.size != CIFAR_SIZE:
         image = image.resize(CIFAR_SIZE, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8), resized
+
+
+def _can_draft(image: Image.Image, draft_size: tuple[int, int] | None) -> bool:
+    """JPEG DCT scaling only pays off when it can at least halve the image."""
+    return (
+        draft_size is not None
+        and image.format == "JPEG"
+        and image.width >= 2 * draft_size[0]
+        and image.height >= 2 * draft_size[1]
+    )
 
 
 def _describe(image: Image.Image) -> str:
