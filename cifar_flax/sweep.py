@@ -1,0 +1,651 @@
+"""Hyperparameter sweeps: many runs of one network, sharing compiled programs.
+
+A sweep is a list of members, each a full `Config`. Members are planned into
+runs and groups before any work:
+
+* a *run* is one training: members whose configurations differ only in the
+  number of epochs of a constant learning rate are one run (the shorter ones
+  are the longer run's history cut at their epoch: same seed, same data order,
+  and nothing in the maths depends on the total length);
+* a *group* is the runs that differ only in numbers that live in arrays
+  (`VMAPPED_FIELDS`: the optimizer's injected hyperparameters and the seed).
+  A group is trained as one program: `jax.vmap` over stacked train states,
+  sharded over a 'members' mesh axis when there are several devices. Runs that
+  change shapes or static choices (batch size, optimizer, loss, activation,
+  network, ...) fall in different groups, which are trained one after another.
+
+Each group checkpoints its stacked state with orbax every epoch in
+`<workdir>/groups/<group id>/`, so an interrupted sweep resumes where it
+stopped and a finished group is skipped; group ids hash the runs' maths, so a
+changed grid never resumes the wrong state. Finished runs are also looked up by
+their maths in earlier sweeps' folders (`reuse_dirs`): the base configuration
+that appears in every study is trained once. A member whose loss becomes
+non-finite is a result ("diverged"): its curve stops and its slot in the
+vmapped program keeps computing, ignored, while the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from cifar_flax import checkpoint, plots, train
+from cifar_flax import data as data_lib
+from cifar_flax.config import (RESUME_SAFE_FIELDS, Config, canonical_network, make_config,
+                               validate)
+
+# Numbers that live in arrays of the train state, so runs differing only in
+# them share one program. (label_smoothing is a Python branch of the loss, so
+# it stays static.)
+VMAPPED_FIELDS = ("learning_rate", "weight_decay", "momentum", "seed")
+# Fields that never change the maths (where data lives, output, save cadence).
+MECHANICS_FIELDS = RESUME_SAFE_FIELDS
+
+FIELD_ALIASES = {
+    "lr": "learning_rate", "wd": "weight_decay", "bs": "batch_size", "batch": "batch_size",
+    "opt": "optimizer", "act": "activation", "ls": "label_smoothing", "mom": "momentum",
+    "model": "network", "net": "network", "subset": "train_subset", "clip": "grad_clip",
+}
+
+# The original project's six GoogLeNet studies, each changing one thing of the
+# seed protocol (Adam 1e-3, cross-entropy, ReLU, batch 32, 10 epochs).
+STUDY_NETWORK = "inception10"
+STUDIES: dict[str, tuple] = {
+    "learning_rate": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "optimizer": ("sgd", "rmsprop", "adagrad", "adadelta", "adam"),
+    "loss": ("mse", "bce", "cross_entropy"),
+    "activation": ("sigmoid", "tanh", "relu"),
+    "batch_size": (16, 32, 64, 128, 256),
+    "epochs": (5, 10, 20, 50),
+}
+FIELD_TITLES = {"learning_rate": "learning rate", "batch_size": "batch size",
+                "weight_decay": "weight decay", "label_smoothing": "label smoothing"}
+
+GROUPS_DIR = "groups"
+HISTORIES_FILE = "histories.json"
+
+
+# --- members, grids and studies ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One point of a sweep: the gridded (field, value) pairs and its full config."""
+  values: tuple[tuple[str, Any], ...]
+  config: Config
+
+  @property
+  def label(self) -> str:
+    if len(self.values) == 1:
+      return format_value(self.values[0][1])
+    return ", ".join(f"{field}={format_value(value)}" for field, value in self.values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  name: str
+  fields: tuple[str, ...]  # the gridded fields, in order
+  members: tuple[Member, ...]
+  workdir: Path
+  command: str = ""
+  # Other sweeps' folders whose finished runs may stand in for members here.
+  reuse_dirs: tuple[Path, ...] = ()
+
+
+def format_value(value) -> str:
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value)
+
+
+def resolve_field(name: str) -> str:
+  """A Config field name from a name or alias ('lr' -> 'learning_rate')."""
+  fields = {f.name for f in dataclasses.fields(Config)}
+  field = FIELD_ALIASES.get(name, name).replace("-", "_")
+  if field not in fields or field in MECHANICS_FIELDS or field == "protocol":
+    valid = sorted(fields - set(MECHANICS_FIELDS) - {"protocol"}) + sorted(FIELD_ALIASES)
+    raise ValueError(f"cannot grid over {name!r}; valid fields and aliases: {', '.join(valid)}")
+  return field
+
+
+def parse_value(field: str, text: str):
+  """A grid value typed like its Config field ('1e-3' -> 0.001 for learning_rate)."""
+  kind = typing.get_type_hints(Config)[field]
+  text = text.strip()
+  try:
+    if kind is bool:
+      lowered = text.lower()
+      if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+      return lowered in ("true", "1", "yes")
+    if kind is int:
+      number = float(text)
+      if number != int(number):
+        raise ValueError(text)
+      return int(number)
+    return kind(text)
+  except ValueError:
+    raise ValueError(f"bad value {text!r} for {field} (expects {kind.__name__})") from None
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+  """['lr=1e-3,3e-3', 'seed=0,1'] -> {'learning_rate': [0.001, 0.003], 'seed': [0, 1]}."""
+  grid: dict[str, list] = {}
+  for spec in specs:
+    name, sep, values = spec.partition("=")
+    if not sep or not values.strip():
+      raise ValueError(f"bad grid {spec!r}; expected FIELD=V1,V2,... (e.g. lr=1e-3,3e-3)")
+    field = resolve_field(name.strip())
+    if field in grid:
+      raise ValueError(f"{field} is gridded twice")
+    parsed = [parse_value(field, v) for v in values.split(",") if v.strip()]
+    if len(set(parsed)) != len(parsed):
+      raise ValueError(f"repeated value in grid {spec!r}")
+    grid[field] = parsed
+  if not grid:
+    raise ValueError("empty grid; give at least one --grid FIELD=V1,V2,...")
+  return grid
+
+
+def grid_members(base: Config, grid: dict[str, list]) -> tuple[Member, ...]:
+  """The product of the grids applied to `base`; every member is validated."""
+  members = []
+  for combo in itertools.product(*grid.values()):
+    values = tuple(zip(grid, combo))
+    changes = dict(values)
+    if "network" in changes:
+      changes["network"] = canonical_network(changes["network"])
+    config = base.replace(**changes)
+    validate(config)
+    members.append(Member(values, config))
+  return tuple(members)
+
+
+def study_values(name: str, max_epochs: int | None = None) -> tuple:
+  """The values of a predefined study. For the epochs study, `max_epochs`
+  caps the grid (a reduced budget): values above it become it."""
+  if name not in STUDIES:
+    raise ValueError(f"unknown study {name!r}; valid: {', '.join(STUDIES)}, all")
+  values = STUDIES[name]
+  if name == "epochs" and max_epochs:
+    values = tuple(sorted({min(v, max_epochs) for v in values}))
+  return values
+
+
+def make_study(name: str, workdir: Path | None = None, command: str = "",
+               protocol: str = "seed", recipe: dict | None = None, **overrides) -> Study:
+  """One of the original's GoogLeNet studies (on the seed protocol unless told
+  otherwise), with Config overrides (e.g. epochs, train_subset, data). Its
+  default folder is ckpt/sweeps/<name>; the sibling studies' folders are
+  searched for reusable runs (the base configuration is in every study)."""
+  max_epochs = overrides.get("epochs") if name == "epochs" else None
+  values = study_values(name, max_epochs)
+  base = make_config(STUDY_NETWORK, protocol, recipe, **overrides)
+  workdir = Path(workdir) if workdir else Path("ckpt/sweeps") / name
+  reuse = tuple(workdir.parent / other for other in STUDIES if other != name)
+  return Study(name=name, fields=(name,), members=grid_members(base, {name: list(values)}),
+               workdir=workdir, command=command, reuse_dirs=reuse)
+
+
+# --- planning: members -> runs -> groups ---------------------------------------------
+
+
+def _maths(config: Config) -> dict:
+  """What determines a run's numbers. With a constant learning rate the
+  number of epochs only says where to stop, so it is not part of it."""
+  values = {k: v for k, v in config.to_dict().items() if k not in MECHANICS_FIELDS}
+  if config.schedule == "constant":
+    values.pop("epochs")
+    values.pop("warmup_epochs")
+  return values
+
+
+def _digest(value) -> str:
+  return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_id(config: Config) -> str:
+  return _digest(_maths(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  id: str
+  config: Config  # epochs = the longest member's
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  id: str
+  runs: tuple[Run, ...]
+
+  @property
+  def epochs(self) -> int:
+    return self.runs[0].config.epochs
+
+
+def plan_runs(members) -> dict[str, Run]:
+  """Members -> unique runs, each as long as its longest member."""
+  runs: dict[str, Run] = {}
+  for member in members:
+    rid = run_id(member.config)
+    if rid not in runs or member.config.epochs > runs[rid].config.epochs:
+      runs[rid] = Run(rid, member.config)
+  return runs
+
+
+def _static_key(config: Config) -> str:
+  values = {k: v for k, v in _maths(config).items() if k not in VMAPPED_FIELDS}
+  values["epochs"] = config.epochs  # a group trains all its runs for as long
+  return json.dumps(values, sort_keys=True)
+
+
+def make_group(runs) -> Group:
+  runs = tuple(runs)
+  # The id hashes the runs (not their epochs), so extending a constant-rate
+  # sweep resumes its groups.
+  return Group(id="g" + _digest(sorted(run.id for run in runs)), runs=runs)
+
+
+def plan_groups(runs) -> list[Group]:
+  """Runs equal in every static field form one vmapped group (in first-seen order)."""
+  buckets: dict[str, list[Run]] = {}
+  for run in runs:
+    buckets.setdefault(_static_key(run.config), []).append(run)
+  return [make_group(bucket) for bucket in buckets.values()]
+
+
+# --- histories on disk ----------------------------------------------------------------
+
+
+def new_history(config: Config) -> dict:
+  """A run's history, shaped like `train.fit`'s, plus the run's config."""
+  return {"network": config.network, "protocol": config.protocol, "status": "running",
+          "epochs": [], "config": config.to_dict()}
+
+
+def is_complete(history: dict, epochs: int) -> bool:
+  return history["status"] == "diverged" or len(history["epochs"]) >= epochs
+
+
+def read_group(folder: Path) -> dict | None:
+  path = Path(folder) / HISTORIES_FILE
+  if not path.is_file():
+    return None
+  return json.loads(path.read_text())
+
+
+def write_group(folder: Path, saved: dict) -> None:
+  tmp = Path(folder) / (HISTORIES_FILE + ".tmp")
+  tmp.write_text(json.dumps(saved, indent=1) + "\n")
+  os.replace(tmp, Path(folder) / HISTORIES_FILE)
+
+
+def index_finished_runs(dirs) -> dict[str, tuple[dict, Path]]:
+  """run id -> (history, group folder) for every final history (finished or
+  diverged) saved under `<dir>/groups/*/`; the longest one wins."""
+  found: dict[str, tuple[dict, Path]] = {}
+  for directory in dirs:
+    for path in sorted(Path(directory).glob(f"{GROUPS_DIR}/*/{HISTORIES_FILE}")):
+      try:
+        saved = json.loads(path.read_text())
+      except (OSError, ValueError):
+        continue  # a folder being written by another process; not reusable now.
+      for entry in saved.get("runs", []):
+        history = entry["history"]
+        if history["status"] not in ("finished", "diverged"):
+          continue
+        best = found.get(entry["run"])
+        if best is None or len(history["epochs"]) > len(best[0]["epochs"]):
+          found[entry["run"]] = (history, path.parent)
+  return found
+
+
+def member_history(run_history: dict, epochs: int) -> dict:
+  """A member's history: its run's, cut at the member's epoch count."""
+  records = run_history["epochs"][:epochs]
+  diverged = bool(records) and bool(records[-1].get("diverged"))
+  if diverged:
+    status = "diverged"
+  elif len(records) >= epochs:
+    status = "finished"
+  else:
+    status = run_history["status"] if run_history["status"] != "finished" else "running"
+  config = dict(run_history.get("config", {}), epochs=epochs)
+  return {**run_history, "status": status, "epochs": records, "config": config}
+
+
+# --- training a group --------------------------------------------------------------
+
+
+def member_mesh(count: int):
+  """A 'members' mesh over the most devices that divide `count` (None: one device)."""
+  devices = jax.devices()
+  size = max(d for d in range(1, len(devices) + 1) if count % d == 0)
+  if size == 1:
+    return None
+  return Mesh(np.array(devices[:size]), ("members",))
+
+
+def stack_trees(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+class GroupTrainer:
+  """The compiled functions of one group: the trainer's pure pieces under
+  `jax.vmap` over a leading member axis."""
+
+  def __init__(self, configs: list[Config], dataset):
+    self.configs = configs
+    self.size = len(configs)
+    base = configs[0]
+    self.trainer = trainer = train.Trainer(base, dataset)
+    self.mesh = member_mesh(self.size)
+    if self.mesh is not None:
+      self.member_sharding = NamedSharding(self.mesh, P("members"))
+      replicated = NamedSharding(self.mesh, P())
+      put = lambda x: jax.device_put(x, replicated)
+      self.train_images, self.train_labels = put(trainer.train_images), put(trainer.train_labels)
+      self.test_images, self.test_labels = put(trainer.test_images), put(trainer.test_labels)
+    else:
+      self.member_sharding = None
+      self.train_images, self.train_labels = trainer.train_images, trainer.train_labels
+      self.test_images, self.test_labels = trainer.test_images, trainer.test_labels
+    # The optimizer's update reads learning rate, weight decay and momentum
+    # from each member's state, so the base's `tx` serves every member.
+    chunk = train.make_train_chunk(trainer.model, trainer.tx, base)
+    self.train_chunk = jax.jit(jax.vmap(chunk, in_axes=(0, None, None, 0)), donate_argnums=(0,))
+    self.evaluate = jax.jit(jax.vmap(train.make_evaluate(trainer.model, base),
+                                     in_axes=(0, None, None)))
+    self.epoch_indices = jax.jit(jax.vmap(
+        train.make_epoch_indices(trainer.num_train, base.batch_size), in_axes=(0, None)))
+
+  def init_state(self):
+    """Each member's own initial state (its seed, its hyperparameters), stacked."""
+    trainer = self.trainer
+    states = [train.create_train_state(c, trainer.model,
+                                       train.make_optimizer(c, trainer.steps_per_epoch))
+              for c in self.configs]
+    return self.place(stack_trees(states))
+
+  def place(self, state):
+    if self.member_sharding is None:
+      return state
+    return jax.device_put(state, self.member_sharding)
+
+
+def _to_host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def train_group_epoch(group_trainer: GroupTrainer, state, epoch: int, progress):
+  """One epoch of every member; per-member sums read one chunk late."""
+  trainer = group_trainer.trainer
+  indices = group_trainer.epoch_indices(state.seed, epoch)  # [K, steps, batch]
+  size, batch = group_trainer.size, trainer.config.batch_size
+  sums = {"loss_sum": np.zeros(size), "correct": np.zeros(size, np.int64), "count": 0,
+          "nonfinite": np.zeros(size, bool)}
+  pending = None
+  start = time.perf_counter()
+
+  def collect(chunk_sums, steps):
+    chunk_sums = _to_host(chunk_sums)
+    sums["loss_sum"] += chunk_sums["loss_sum"].astype(np.float64)
+    sums["correct"] += chunk_sums["correct"]
+    sums["nonfinite"] |= chunk_sums["nonfinite"]
+    sums["count"] += steps * batch
+    progress.update(steps * size)
+
+  step = trainer.config.steps_per_call
+  for first in range(0, indices.shape[1], step):
+    chunk = indices[:, first:first + step]
+    state, chunk_sums = group_trainer.train_chunk(state, group_trainer.train_images,
+                                                  group_trainer.train_labels, chunk)
+    if pending is not None:
+      collect(*pending)
+    pending = (chunk_sums, chunk.shape[1])
+  collect(*pending)
+  return state, sums, time.perf_counter() - start
+
+
+def train_group(group: Group, dataset, folder: Path, *, progress, log=print,
+                stop_after_epoch: int | None = None) -> list[dict]:
+  """Trains (or resumes) one group in `folder`; returns its runs' histories."""
+  folder.mkdir(parents=True, exist_ok=True)
+  configs = [run.config for run in group.runs]
+  group_trainer = GroupTrainer(configs, dataset)
+  trainer = group_trainer.trainer
+  state = group_trainer.init_state()
+  saved = {"group": group.id, "epoch": 0,
+           "runs": [{"run": run.id, "history": new_history(run.config)} for run in group.runs]}
+  manager = checkpoint.make_manager(folder)
+  restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state))
+  if restored is not None:
+    state, saved = restored
+    state = group_trainer.place(state)
+    log(f"resumed group {group.id} after epoch {saved['epoch']}")
+  histories = [entry["history"] for entry in saved["runs"]]
+  for history, config in zip(histories, configs):
+    history["config"] = config.to_dict()  # a constant-rate run may have been extended
+    if history["status"] == "finished" and len(history["epochs"]) < config.epochs:
+      history["status"] = "running"
+  num_images = trainer.steps_per_epoch * trainer.config.batch_size
+  # A resumed group's progress counts from where it stopped.
+  progress.update(saved["epoch"] * trainer.steps_per_epoch * group_trainer.size)
+
+  for epoch in range(saved["epoch"] + 1, group.epochs + 1):
+    if stop_after_epoch is not None and epoch > stop_after_epoch:
+      break
+    active = [h["status"] != "diverged" for h in histories]
+    if not any(active):
+      break
+    start = time.perf_counter()
+    state, sums, train_seconds = train_group_epoch(group_trainer, state, epoch, progress)
+    test_loss_sums, test_correct = _to_host(group_trainer.evaluate(
+        train.model_variables(state), group_trainer.test_images, group_trainer.test_labels))
+    seconds = time.perf_counter() - start
+    for k, history in enumerate(histories):
+      if not active[k]:
+        continue  # diverged earlier: its slot computes on, ignored.
+      member_sums = {"loss_sum": float(sums["loss_sum"][k]), "correct": int(sums["correct"][k]),
+                     "count": sums["count"]}
+      record = train._epoch_record(epoch, member_sums, test_loss_sums[k], test_correct[k],
+                                   trainer.num_test, seconds, train_seconds, num_images)
+      record["vmapped_members"] = group_trainer.size
+      if sums["nonfinite"][k] or not math.isfinite(record["test_loss"]):
+        history["status"] = "diverged"
+        record["diverged"] = True
+        log(f"  {configs[k].network} run {group.runs[k].id}: diverged in epoch {epoch} "
+            f"(non-finite loss); its curve stops, the others go on")
+      elif epoch == group.epochs:
+        history["status"] = "finished"
+      history["epochs"].append(record)
+    saved["epoch"] = epoch
+    accuracies = [h["epochs"][-1]["test_accuracy"] for h in histories
+                  if h["status"] != "diverged" and h["epochs"]]
+    if epoch % trainer.config.checkpoint_every == 0 or epoch == group.epochs:
+      checkpoint.save_checkpoint(manager, epoch, state, saved,
+                                 {"test_accuracy": max(accuracies, default=0.0)})
+    write_group(folder, saved)
+    progress.set_postfix(best_test_acc=f"{max(accuracies, default=0.0):.4f}")
+  manager.close()
+  write_group(folder, saved)
+  return histories
+
+
+# --- a whole sweep -------------------------------------------------------------------
+
+
+def _progress(total: int, desc: str, quiet: bool):
+  return tqdm(total=total, desc=desc, unit="step", disable=quiet, file=sys.stdout,
+              dynamic_ncols=True)
+
+
+def _steps_per_epoch(config: Config, num_train: int) -> int:
+  n = min(config.train_subset, num_train) if config.train_subset else num_train
+  return n // config.batch_size
+
+
+def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
+              stop_after_epoch: int | None = None) -> dict:
+  """Trains what is missing of `study` and writes its table, figure and
+  results into `study.workdir`; returns the results (also `results.json`).
+
+  `stop_after_epoch` stops every group after that epoch (as an interruption
+  would); the next call resumes.
+  """
+  log = (lambda *a: None) if quiet else print
+  workdir = Path(study.workdir)
+  runs = plan_runs(study.members)
+  groups = plan_groups(runs.values())
+  groups_dir = workdir / GROUPS_DIR
+  reusable = index_finished_runs([d for d in study.reuse_dirs if Path(d) != workdir])
+  own = index_finished_runs([workdir])
+
+  # What is already done: a planned group whose folder exists resumes (or is
+  # skipped when complete) as it is; otherwise runs finished in earlier
+  # sweeps (here or in `reuse_dirs`) are taken from there.
+  sources: dict[str, tuple[dict, Path]] = {}
+  todo: list[Group] = []
+  for group in groups:
+    saved = read_group(groups_dir / group.id)
+    if saved is not None:
+      histories = {e["run"]: e["history"] for e in saved["runs"]}
+      if all(is_complete(histories[r.id], r.config.epochs) for r in group.runs):
+        sources.update({r.id: (histories[r.id], groups_dir / group.id) for r in group.runs})
+        continue
+      todo.append(group)
+      continue
+    remaining = []
+    for run in group.runs:
+      found = own.get(run.id) or reusable.get(run.id)
+      if found is not None and is_complete(found[0], run.config.epochs):
+        sources[run.id] = found
+      else:
+        remaining.append(run)
+    if remaining:
+      todo.append(group if len(remaining) == len(group.runs) else make_group(remaining))
+
+  log(f"{study.name}: {len(study.members)} members -> {len(runs)} runs in {len(groups)} "
+      f"groups; {len(todo)} to train, {len(runs) - sum(len(g.runs) for g in todo)} done")
+  if todo:
+    if dataset is None:
+      dataset = data_lib.load_cifar10(study.members[0].config.data or None)
+    num_train = len(dataset.train_images)
+    for group in todo:
+      config = group.runs[0].config
+      if config.batch_size > min(config.train_subset or num_train, num_train):
+        raise ValueError(f"batch size {config.batch_size} is larger than the training set "
+                         f"({min(config.train_subset or num_train, num_train)} images)")
+    total = sum(group.epochs * len(group.runs) * _steps_per_epoch(group.runs[0].config, num_train)
+                for group in todo)
+    with _progress(total, study.name, quiet) as progress:
+      for index, group in enumerate(todo, 1):
+        progress.set_description(f"{study.name} group {index}/{len(todo)} "
+                                 f"({len(group.runs)} vmapped)")
+        folder = groups_dir / group.id
+        histories = train_group(group, dataset, folder, progress=progress, log=log,
+                                stop_after_epoch=stop_after_epoch)
+        sources.update({run.id: (h, folder) for run, h in zip(group.runs, histories)})
+  results = collect_results(study, runs, sources)
+  write_outputs(study, results)
+  return results
+
+
+def collect_results(study: Study, runs: dict[str, Run], sources) -> dict:
+  members = []
+  for member in study.members:
+    rid = run_id(member.config)
+    history, folder = sources.get(rid, (new_history(runs[rid].config), None))
+    members.append({
+        "label": member.label, "values": dict(member.values), "run": rid,
+        "run_epochs": runs[rid].config.epochs,
+        "trained_in": str(folder) if folder is not None else None,
+        "history": member_history(history, member.config.epochs)})
+  return {"study": study.name, "fields": list(study.fields), "command": study.command,
+          "network": study.members[0].config.network,
+          "protocol": study.members[0].config.protocol, "members": members}
+
+
+# --- outputs -------------------------------------------------------------------------
+
+
+def _fmt(value, digits=4) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float) and not math.isfinite(value):
+    return "nan"
+  return f"{value:.{digits}f}"
+
+
+def member_note(entry: dict, study_dir: Path) -> str:
+  history = entry["history"]
+  notes = []
+  if history["status"] == "diverged":
+    notes.append(f"**diverged** in epoch {history['epochs'][-1]['epoch']}")
+  elif history["status"] != "finished":
+    notes.append("unfinished")
+  if entry["run_epochs"] > len(history["epochs"]) and history["status"] == "finished":
+    notes.append(f"epochs 1-{len(history['epochs'])} of the {entry['run_epochs']}-epoch run")
+  trained_in = entry["trained_in"]
+  if trained_in and Path(trained_in).parent.parent.resolve() != Path(study_dir).resolve():
+    notes.append(f"run shared with {Path(trained_in).parent.parent.name}")
+  records = history["epochs"]
+  if records and records[-1].get("vmapped_members", 1) > 1:
+    notes.append(f"vmapped with {records[-1]['vmapped_members'] - 1} others")
+  return "; ".join(notes)
+
+
+def format_table(results: dict, study_dir: Path) -> str:
+  fields = results["fields"]
+  header = [FIELD_TITLES.get(f, f.replace("_", " ")) for f in fields] + [
+      "train acc", "test acc", "train loss", "test loss", "time (s)", "epoch", "note"]
+  lines = [f"# {results['network']} {results['study']} study ({results['protocol']} protocol)", ""]
+  if results["command"]:
+    lines += [f"Made by `{results['command']}`.", ""]
+  if results["study"] == "epochs" or any(
+      e["run_epochs"] > len(e["history"]["epochs"]) and e["history"]["status"] == "finished"
+      for e in results["members"]):
+    lines += ["With a constant learning rate the shorter runs need no training of their own: "
+              "their rows are the longest run's history at those epochs (same seed, same "
+              "data order).", ""]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for entry in results["members"]:
+    records = entry["history"]["epochs"]
+    last = records[-1] if records else {}
+    cells = [format_value(entry["values"][f]) for f in fields]
+    cells += [_fmt(last.get("train_accuracy")), _fmt(last.get("test_accuracy")),
+              _fmt(last.get("train_loss")), _fmt(last.get("test_loss")),
+              _fmt(sum(r["seconds"] for r in records), 1) if records else "-",
+              str(last.get("epoch", "-")), member_note(entry, study_dir)]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Accuracies and losses are the final epoch's; time is the wall time of the "
+            "member's epochs (vmapped members share it).", ""]
+  return "\n".join(lines)
+
+
+def write_outputs(study: Study, results: dict) -> None:
+  workdir = Path(study.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=1) + "\n")
+  os.replace(tmp, workdir / "results.json")
+  (workdir / "table.md").write_text(format_table(results, workdir))
+  title = f"{results['network']}: {results['study']} study ({results['protocol']} protocol)"
+  plots.plot_study(title, [(e["label"], e["history"]) for e in results["members"]],
+                   workdir / "figure.png")
