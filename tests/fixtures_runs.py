@@ -10,11 +10,14 @@ Import the fixtures into a test module to use them::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 TINY_NETWORK = 'lenet5'
+# A child pytest process (see test_ui.py) reuses its parent's tiny run instead of training again.
+REUSE_CKPT_ROOT_ENV = 'CIFAR_FLAX_TEST_CKPT_ROOT'
 
 
 def train_tiny_run(ckpt_root: Path, dataset, network: str = TINY_NETWORK) -> Path:
@@ -33,6 +36,8 @@ def train_tiny_run(ckpt_root: Path, dataset, network: str = TINY_NETWORK) -> Pat
 @pytest.fixture(scope='session')
 def tiny_ckpt_root(tmp_path_factory, tiny_dataset) -> Path:
     """A ckpt root holding one trained LeNet-5 run (and nothing for the other networks)."""
+    if os.environ.get(REUSE_CKPT_ROOT_ENV):
+        return Path(os.environ[REUSE_CKPT_ROOT_ENV])
     root = tmp_path_factory.mktemp('ckpt')
     train_tiny_run(root, tiny_dataset)
     return root

@@ -2,6 +2,12 @@
 
 Dear PyGui allows one context per process, so one session-wide App is shared by
 all tests here; the command line is tested in subprocesses.
+
+TensorFlow (imported by the tfds tests) exports its own copy of LLVM's symbols,
+and Mesa's software OpenGL (llvmpipe, what Xvfb renders with) then calls into
+it and segfaults. So when TensorFlow is already loaded in this pytest process,
+`test_ui_in_clean_process` runs this file again in a fresh process and the
+in-process tests skip; run alone, the tests run here directly.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,9 +27,15 @@ import pytest
 from PIL import Image
 
 from cifar_flax.data import CLASS_NAMES
-from tests.fixtures_runs import lenet_run, tiny_ckpt_root  # noqa: F401  (session fixtures)
+from tests.fixtures_runs import REUSE_CKPT_ROOT_ENV, lenet_run, tiny_ckpt_root  # noqa: F401  (session fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TENSORFLOW_LOADED_REASON = ('TensorFlow is loaded in this process (its LLVM symbols crash Mesa\'s llvmpipe); '
+                            'these tests ran in a clean process: see test_ui_in_clean_process')
+
+
+def tensorflow_loaded() -> bool:
+    return 'tensorflow' in sys.modules
 
 
 def _die_with_parent(command: list[str]) -> list[str]:
@@ -66,8 +79,27 @@ def x_display():
                 os.environ['DISPLAY'] = previous
 
 
+def test_ui_in_clean_process(tiny_ckpt_root):
+    """Run this file in a fresh pytest process when TensorFlow is loaded here."""
+    if not tensorflow_loaded():
+        pytest.skip('TensorFlow is not loaded in this process; the UI tests run here directly')
+    if shutil.which('Xvfb') is None:
+        pytest.skip('Xvfb is not installed (apt-get install xvfb); UI tests need a display')
+    env = {**os.environ, 'MPLBACKEND': 'Agg', REUSE_CKPT_ROOT_ENV: str(tiny_ckpt_root)}
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', __file__],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    print(result.stdout)
+    assert result.returncode == 0, f'UI tests failed in the clean process:\n{result.stdout[-10000:]}\n{result.stderr[-3000:]}'
+    summary = result.stdout.strip().splitlines()[-1]
+    counts = {word: int(number) for number, word in re.findall(r'(\d+) (\w+)', summary)}
+    # Only this wrapper may skip there (TensorFlow is not loaded in the child).
+    assert counts.get('passed', 0) > 0 and counts.get('skipped', 0) == 1, result.stdout
+
+
 @pytest.fixture(scope='session')
 def app(x_display, tiny_ckpt_root):
+    if tensorflow_loaded():
+        pytest.skip(TENSORFLOW_LOADED_REASON)
     import dearpygui.dearpygui as dpg  # noqa: F401  (fail here, not at collection)
     from ui.app import App
 

@@ -146,10 +146,10 @@ class App:
 
     def _build_toolbar(self) -> None:
         with dpg.group(horizontal=True):
-            self.tags['open'] = dpg.add_button(label='Open image...', callback=lambda: dpg.show_item('file_dialog'))
+            self.tags['open'] = dpg.add_button(label='Open image...', callback=self._on_open)
             dpg.add_text('Samples:')
             self.tags['samples'] = dpg.add_combo(list(sample_images()), width=130, callback=self._on_sample)
-            self.tags['rescan'] = dpg.add_button(label='Rescan ckpt/', callback=lambda: self.refresh_networks())
+            self.tags['rescan'] = dpg.add_button(label='Rescan ckpt/', callback=self._on_rescan)
             self.tags['status'] = dpg.add_text('Ready.')
         self.tags['no_params'] = dpg.add_text('', color=ERROR_COLOR, show=False, wrap=1100)
         self.tags['error'] = dpg.add_text('', color=ERROR_COLOR, show=False, wrap=1100)
@@ -241,7 +241,7 @@ class App:
             self.render()
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._worker.shutdown(wait=False, cancel_futures=True)  # the worker touches no widgets
         if self.built:
             dpg.destroy_context()
             self.built = False
@@ -336,6 +336,12 @@ class App:
             path = next(iter(selections.values()))
         if path:
             self.open_image(path)
+
+    def _on_open(self, sender=None, app_data=None, user_data=None) -> None:
+        dpg.show_item(self.tags['file_dialog'])
+
+    def _on_rescan(self, sender=None, app_data=None, user_data=None) -> None:
+        self.refresh_networks()
 
     def _on_sample(self, sender, app_data, user_data=None) -> None:
         path = sample_images().get(app_data)
