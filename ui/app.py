@@ -108,7 +108,7 @@ class App:
         self.built = False
 
     # ---- window ---------------------------------------------------------------
-    def build(self, width: int = 1200, height: int = 800) -> None:
+    def build(self, width: int = 1200, height: int = 720) -> None:
         """Create the context, viewport and widgets (no render loop yet)."""
         dpg.create_context()
         dpg.configure_app(manual_callback_management=True)
