@@ -98,8 +98,8 @@ def test_sigkill_during_save_then_resume(tmp_path, tiny_dataset):
   child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                            cwd=REPO)
   try:
-    line = child.stdout.readline()
-    assert "STALLED" in line, line
+    lines = iter(child.stdout.readline, "")
+    assert any("STALLED" in line for line in lines), "the child never reached the stalled save"
   finally:
     child.send_signal(signal.SIGKILL)
     child.wait()
