@@ -1,12 +1,15 @@
 """Networks: shapes, exact parameter counts, dtypes, train/eval semantics, conv/pool impls."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model
-from cifar_flax.models.layers import Conv, conv_gemm, conv_shifted_sum, conv_xla, max_pool
+from cifar_flax.models.layers import (Conv, conv_gemm, conv_hybrid, conv_shifted_sum, conv_xla, max_pool,
+                                      resolve_conv_impl)
 
 # (trainable params, total size of batch_stats) of the reference Keras models.
 EXPECTED_COUNTS = {
@@ -19,12 +22,20 @@ EXPECTED_COUNTS = {
 SMALL = ('lenet5', 'inception10')  # cheap enough to run forward passes of in every test
 
 
+# Everything is jitted: eager op-by-op dispatch compiles every op separately and is far slower.
+
 def init(model, batch=2, seed=0):
     x = jax.random.normal(jax.random.key(seed), (batch, 32, 32, 3))
-    variables = model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)}, x, train=False)
+    variables = jax.jit(lambda x: model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)},
+                                             x, train=False))(x)
     return variables, x
 
 
+def eval_apply(model, variables, x):
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def train_apply(model, variables, x, dropout_seed=0):
     return model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(dropout_seed)},
                        mutable=['batch_stats'])
@@ -46,7 +57,7 @@ def test_param_counts_exact(name):
 def test_output_shape_and_dtype(name):
     model = get_model(name, num_classes=7)
     variables, x = init(model, batch=3)
-    logits = model.apply(variables, x, train=False)
+    logits = eval_apply(model, variables, x)
     assert logits.shape == (3, 7) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
     logits, updates = train_apply(model, variables, x)
@@ -64,12 +75,13 @@ def test_bfloat16_close_to_float32(name):
     bf16 = get_model(name, dtype='bfloat16')
     variables, x = init(f32, batch=4)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(init(bf16)[0]))
-    ref = f32.apply(variables, x, train=False)
-    out = bf16.apply(variables, x, train=False)
+    ref = eval_apply(f32, variables, x)
+    out = eval_apply(bf16, variables, x)
     assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
     scale = float(jnp.max(jnp.abs(ref))) + 1e-3
     assert float(jnp.max(jnp.abs(out - ref))) / scale < 0.1
-    grads = jax.grad(lambda p: jnp.sum(train_apply(bf16, {**variables, 'params': p}, x)[0]))(variables['params'])
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(train_apply(bf16, {**variables, 'params': p}, x)[0])))(
+        variables['params'])
     assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
@@ -82,8 +94,8 @@ def test_dropout_active_only_in_train(name):
     assert not np.allclose(a, b)
     c, _ = train_apply(model, variables, x, dropout_seed=0)
     np.testing.assert_array_equal(a, c)
-    e1 = model.apply(variables, x, train=False)
-    e2 = model.apply(variables, x, train=False, rngs={'dropout': jax.random.key(5)})
+    e1 = eval_apply(model, variables, x)
+    e2 = jax.jit(lambda v, x: model.apply(v, x, train=False, rngs={'dropout': jax.random.key(5)}))(variables, x)
     np.testing.assert_array_equal(e1, e2)
 
 
@@ -94,7 +106,7 @@ def test_batch_stats_update_only_in_train():
     before = jax.tree_util.tree_leaves(variables['batch_stats'])
     after = jax.tree_util.tree_leaves(updates['batch_stats'])
     assert any(not np.allclose(u, v) for u, v in zip(before, after))
-    _, eval_updates = model.apply(variables, x, train=False, mutable=['batch_stats'])
+    _, eval_updates = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['batch_stats']))(variables, x)
     for u, v in zip(before, jax.tree_util.tree_leaves(eval_updates['batch_stats'])):
         np.testing.assert_array_equal(u, v)
 
@@ -107,12 +119,12 @@ def test_frozen_bn_never_updates_and_uses_initial_stats():
                     jax.tree_util.tree_leaves(updates['batch_stats'])):
         np.testing.assert_array_equal(u, v)
     # training and inference are the same function when BN is frozen (no dropout in inception10)
-    np.testing.assert_allclose(logits, frozen.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, eval_apply(frozen, variables, x), rtol=1e-5, atol=1e-5)
     # ... and differ from ordinary BN in training mode (batch statistics)
     batch_logits, _ = train_apply(get_model('inception10'), variables, x)
     assert not np.allclose(logits, batch_logits, atol=1e-3)
     # scale and bias still receive gradients
-    grads = jax.grad(lambda p: jnp.sum(train_apply(frozen, {**variables, 'params': p}, x)[0] ** 2))(
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(train_apply(frozen, {**variables, 'params': p}, x)[0] ** 2)))(
         variables['params'])
     bn_grads = [g for path, g in jax.tree_util.tree_leaves_with_path(grads) if 'BatchNorm' in jax.tree_util.keystr(path)]
     assert bn_grads and any(float(jnp.abs(g).sum()) > 0 for g in bn_grads)
@@ -138,7 +150,7 @@ def test_unknown_names_raise():
 def test_every_activation(activation):
     model = get_model('lenet5', activation=activation)
     variables, x = init(model)
-    logits = model.apply(variables, x)
+    logits = eval_apply(model, variables, x)
     assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
 
 
@@ -167,9 +179,10 @@ def test_conv_impls_agree(k, s, padding, cin, cout, size):
         y = fn(x, kernel, (s, s), padding)
         return jnp.sum(jnp.sin(y)), y
 
-    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss(conv_xla, *a), (0, 1), has_aux=True)(x, kernel)
-    for fn in (conv_gemm, conv_shifted_sum):
-        (_, out), grads = jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1), has_aux=True)(x, kernel)
+    (_, ref), ref_grads = jax.jit(jax.value_and_grad(lambda *a: loss(conv_xla, *a), (0, 1), has_aux=True))(x, kernel)
+    chunked_hybrid = functools.partial(conv_hybrid, chunk=1)  # batch 2: two native-conv slices
+    for fn in (conv_gemm, conv_shifted_sum, conv_hybrid, chunked_hybrid):
+        (_, out), grads = jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1), has_aux=True))(x, kernel)
         assert out.shape == ref.shape
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
         for g, rg in zip(grads, ref_grads):
@@ -186,9 +199,18 @@ def test_conv_module_param_layout_matches_nn_conv():
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
 def test_networks_agree_across_conv_impls(name):
-    xla, gemm = get_model(name, conv='xla', pool='xla'), get_model(name, conv='gemm', pool='slices')
+    xla = get_model(name, conv='xla', pool='xla')
     variables, x = init(xla)
-    np.testing.assert_allclose(gemm.apply(variables, x), xla.apply(variables, x), rtol=1e-4, atol=1e-4)
+    ref = eval_apply(xla, variables, x)
+    for conv in ('gemm', 'hybrid'):
+        np.testing.assert_allclose(eval_apply(get_model(name, conv=conv, pool='slices'), variables, x), ref,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_per_backend(monkeypatch):
+    assert resolve_conv_impl('auto') == ('hybrid' if jax.default_backend() == 'cpu' else 'xla')
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert resolve_conv_impl('auto') == 'xla' and resolve_conv_impl('gemm') == 'gemm'
 
 
 @pytest.mark.parametrize('window,stride,padding,size', [(2, 2, 'VALID', 8), (2, 2, 'SAME', 7), (2, 2, 'SAME', 1),
@@ -196,6 +218,7 @@ def test_networks_agree_across_conv_impls(name):
                                                         (3, 1, 'SAME', 8), (3, 2, 'SAME', 8)])
 def test_max_pool_impls_agree(window, stride, padding, size):
     x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
-    f = lambda impl: lambda x: jnp.sum(jnp.cos(max_pool(x, window, stride, padding, impl=impl)))
-    np.testing.assert_allclose(f('slices')(x), f('xla')(x), rtol=1e-5)
-    np.testing.assert_allclose(jax.grad(f('slices'))(x), jax.grad(f('xla'))(x), rtol=1e-5, atol=1e-6)
+    f = lambda impl: jax.value_and_grad(lambda x: jnp.sum(jnp.cos(max_pool(x, window, stride, padding, impl=impl))))
+    (v, g), (rv, rg) = jax.jit(f('slices'))(x), jax.jit(f('xla'))(x)
+    np.testing.assert_allclose(v, rv, rtol=1e-5)
+    np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6)

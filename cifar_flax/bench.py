@@ -1,0 +1,249 @@
+"""Throughput benchmark: training and inference images/second of one network.
+
+    python -m cifar_flax.bench --model vgg16 --batch 128 [--steps 10] [--windows 5]
+        [--dtype float32|bfloat16] [--devices N] [--conv auto|xla|gemm|hybrid]
+        [--mode step|scan] [--data SPEC] [--peak]
+
+prints one JSON line. Training counts real optimiser steps, as `train.fit` runs
+them (the seed protocol's Adam, forward + backward + update, BatchNorm in
+training mode, dropout on) on real CIFAR-10 batches from ``--data``. Mode
+'step' calls the jitted train_step once per batch (like Keras/PyTorch loops);
+mode 'scan' runs ``steps`` batches in one `lax.scan` call, as `fit` does.
+Timing starts after compilation and warm-up; each of ``windows`` windows runs
+``steps`` steps and ends with block_until_ready; the median window is reported.
+Inference times `model.apply(train=False)` on the same batches.
+
+Model FLOPs come from XLA's cost analysis of the compiled train step and
+forward pass; ``--peak`` also measures a float32 4096x4096 matmul so that
+achieved FLOP/s can be reported as a fraction of what this machine's matmul reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+PEAK_MATMUL_SIZE = 4096
+MODES = ('step', 'scan')
+DEFAULT_SCAN_STEPS = 50
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from cifar_flax.models import CONV_IMPLS, MODEL_NAMES, POOL_IMPLS
+    from cifar_flax.models.layers import DTYPES
+    p = argparse.ArgumentParser(prog='python -m cifar_flax.bench', description=__doc__.split('\n\n')[0])
+    p.add_argument('--model', required=True, help=f"one of {', '.join(MODEL_NAMES)} (or googlenet)")
+    p.add_argument('--batch', type=int, default=128, help='global batch size')
+    p.add_argument('--steps', type=int, default=0,
+                   help='train steps per timed window (0: about --window-seconds per window in step '
+                        f'mode, {DEFAULT_SCAN_STEPS} in scan mode)')
+    p.add_argument('--window-seconds', type=float, default=2.0)
+    p.add_argument('--windows', type=int, default=5, help='timed windows (the median is reported)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
+    p.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
+    p.add_argument('--conv', default='auto', choices=CONV_IMPLS)
+    p.add_argument('--pool', default='auto', choices=POOL_IMPLS)
+    p.add_argument('--devices', type=int, default=1,
+                   help='data-parallel devices (on CPU: simulated host devices sharing the cores)')
+    p.add_argument('--mode', default='step', choices=MODES)
+    p.add_argument('--data', default=None, help='data spec for cifar_flax.data.load_cifar10 '
+                   '(default: $CIFAR_FLAX_DATA or tfds)')
+    p.add_argument('--peak', action='store_true', help='also measure the float32 matmul peak')
+    p.add_argument('--no-eval', dest='eval', action='store_false', help='skip the inference timing')
+    args = p.parse_args(argv)
+    if args.steps < 0:
+        p.error('--steps must be non-negative')
+    for name in ('batch', 'windows', 'devices'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be positive')
+    if args.batch % args.devices:
+        p.error(f'--batch {args.batch} is not divisible by --devices {args.devices}')
+    return args
+
+
+def _set_host_devices(count: int) -> None:
+    """Simulated CPU devices must be requested before jax initialises its backend."""
+    if count > 1:
+        flag = f'--xla_force_host_platform_device_count={count}'
+        os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+
+
+def _median_rate(run, items_per_call: int, windows: int) -> float:
+    """Median items/second over ``windows`` timed calls of ``run`` (which must block)."""
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        run()
+        rates.append(items_per_call / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get('flops')
+    return float(flops) if flops and flops > 0 else None
+
+
+def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 size x size matmul (median of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    rate = _median_rate(lambda: matmul(a).block_until_ready(), 1, repeats)
+    return 2 * size ** 3 * rate / 1e9
+
+
+def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,
+              windows: int = 5, warmup: int = 2,
+              dtype: str = 'float32', conv: str = 'auto', pool: str = 'auto', devices: int = 1,
+              mode: str = 'step', data: str | None = None, dataset=None, peak: bool = False,
+              evaluate: bool = True) -> dict:
+    """Measure one configuration; returns the JSON record. ``dataset`` (a data.Cifar10)
+    overrides ``data``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from cifar_flax import data as data_lib, train
+    from cifar_flax.config import make_config
+    from cifar_flax.models import canonical_name, count_params, get_model
+    from cifar_flax.models.layers import resolve_conv_impl
+
+    if mode not in MODES:
+        raise ValueError(f'unknown mode {mode!r}; valid: {list(MODES)}')
+    name = canonical_name(model)
+    if len(jax.devices()) < devices:
+        raise ValueError(f'{devices} devices requested, {len(jax.devices())} available')
+    config = make_config(name, 'seed', batch_size=batch, dtype=dtype, data=data or '')
+    net_options = {'bn': config.bn} if name == 'inception10' else {}
+    net = get_model(name, dtype=dtype, conv=conv, pool=pool, **net_options)
+
+    if dataset is None:
+        dataset = data_lib.load_cifar10(data)
+    if mode == 'scan' and not steps:
+        steps = DEFAULT_SCAN_STEPS
+    # Step mode cycles through up to 20 real batches (all on the device before timing).
+    num_batches = steps if mode == 'scan' else min(steps or 20, 20, len(dataset.train_images) // batch)
+    if num_batches < 1:
+        raise ValueError(f'the training split ({len(dataset.train_images)} images) is smaller than one batch of {batch}')
+    # Real, distinct batches (a fixed shuffle); step mode cycles through them.
+    order = np.asarray(data_lib.epoch_permutation(0, 0, len(dataset.train_images)))
+    indices = np.resize(order, num_batches * batch).reshape(num_batches, batch).astype(np.int32)
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ('data',)) if devices > 1 else None
+    shard = (lambda x: jax.device_put(x, NamedSharding(mesh, P('data')))) if mesh else jax.device_put
+    replicate = (lambda x: jax.device_put(x, NamedSharding(mesh, P()))) if mesh else jax.device_put
+
+    tx = train.make_optimizer(config, steps_per_epoch=max(1, len(dataset.train_images) // batch))
+    state = replicate(train.create_train_state(config, net, tx))
+    compute_dtype = jnp.dtype(dtype)
+    images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+    make_batch = jax.jit(lambda images, labels, idx: data_lib.make_batch(
+        images, labels, idx, jax.random.key(0), augment=False,
+        normalization=config.normalization, dtype=compute_dtype))
+    batches = [tuple(shard(a) for a in make_batch(images, labels, indices[i])) for i in range(num_batches)]
+
+    start = time.perf_counter()
+    if mode == 'step':
+        step = jax.jit(train.make_train_step(net, tx, config), donate_argnums=0)
+        compiled = step.lower(state, batches[0]).compile()
+        train_flops = _flops(compiled)
+        state, _ = compiled(state, batches[0])
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - start
+        cursor = [0]
+
+        def run_train(n):
+            nonlocal state
+            for _ in range(n):
+                state, metrics = compiled(state, batches[cursor[0] % num_batches])
+                cursor[0] += 1
+            jax.block_until_ready((state, metrics))
+        items_per_window = (steps or 0) * batch
+    else:
+        images, labels = replicate(images), replicate(labels)
+        chunk = jax.jit(train.make_train_chunk(net, tx, config, mesh), donate_argnums=0)
+        device_indices = replicate(jnp.asarray(indices))
+        compiled = chunk.lower(state, images, labels, device_indices).compile()
+        total = _flops(compiled)
+        train_flops = total / steps if total else None
+        state, _ = compiled(state, images, labels, device_indices)
+        jax.block_until_ready(state)
+        compile_s = time.perf_counter() - start
+
+        def run_train(n):
+            nonlocal state
+            for _ in range(n):
+                state, sums = compiled(state, images, labels, device_indices)
+            jax.block_until_ready((state, sums))
+        items_per_window = steps * batch
+    run_train(warmup if mode == 'step' else min(warmup, 1))
+    if not steps:  # calibrate: windows of about window_seconds
+        start = time.perf_counter()
+        run_train(2)
+        steps = max(1, round(window_seconds / ((time.perf_counter() - start) / 2)))
+        items_per_window = steps * batch
+    train_rate = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window, windows)
+
+    record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
+              'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
+              'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,
+              'train_gflops': None, 'flops_fraction': None,
+              'train_flops_per_image': round(train_flops / batch) if train_flops else None,
+              'eval_flops_per_image': None, 'peak_gflops': None,
+              'steps': steps, 'windows': windows, 'compile_s': round(compile_s, 1),
+              'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+              'jax': jax.__version__}
+    if train_flops:
+        record['train_gflops'] = round(train_flops / batch * train_rate / 1e9, 1)
+
+    if evaluate:
+        variables = train.model_variables(state)
+        infer = jax.jit(lambda v, x: net.apply(v, x, train=False))
+        compiled_eval = infer.lower(variables, batches[0][0]).compile()
+        eval_flops = _flops(compiled_eval)
+        jax.block_until_ready(compiled_eval(variables, batches[0][0]))
+
+        def run_eval():
+            for i in range(steps):
+                out = compiled_eval(variables, batches[i % num_batches][0])
+            jax.block_until_ready(out)
+        run_eval()
+        record['eval_img_s'] = round(_median_rate(run_eval, steps * batch, windows), 1)
+        record['eval_flops_per_image'] = round(eval_flops / batch) if eval_flops else None
+
+    if peak:
+        record['peak_gflops'] = round(measure_peak_gflops(), 1)
+        if record['train_gflops']:
+            record['flops_fraction'] = round(record['train_gflops'] / record['peak_gflops'], 3)
+    return record
+
+
+def main(argv=None) -> None:
+    # --devices must reach XLA_FLAGS before jax creates its CPU client.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--devices', type=int, default=1)
+    _set_host_devices(pre.parse_known_args(argv)[0].devices)
+    args = parse_args(argv)
+    try:
+        record = run_bench(args.model, args.batch, steps=args.steps, window_seconds=args.window_seconds,
+                           windows=args.windows,
+                           warmup=args.warmup, dtype=args.dtype, conv=args.conv, pool=args.pool,
+                           devices=args.devices, mode=args.mode, data=args.data, peak=args.peak,
+                           evaluate=args.eval)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f'error: {error}')
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+    main()

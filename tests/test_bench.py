@@ -1,0 +1,69 @@
+"""bench: one JSON record with the documented keys, on small generated data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cifar_flax import bench
+from tests.conftest import make_tiny_dataset
+
+KEYS = {'model', 'batch', 'train_img_s', 'eval_img_s', 'params', 'devices', 'dtype', 'conv',
+        'train_gflops', 'flops_fraction', 'train_flops_per_image', 'mode', 'compile_s'}
+
+
+def write_binary_cifar(folder, num_per_file=16, seed=0):
+    """A tiny CIFAR-10 binary folder (label byte + CHW pixels per record)."""
+    rng = np.random.default_rng(seed)
+    for name in (*(f'data_batch_{i}.bin' for i in range(1, 6)), 'test_batch.bin'):
+        records = rng.integers(0, 256, (num_per_file, 1 + 3 * 32 * 32), dtype=np.uint8)
+        records[:, 0] %= 10
+        (folder / name).write_bytes(records.tobytes())
+
+
+def test_run_bench_step_mode_record():
+    record = bench.run_bench('lenet5', 8, steps=2, windows=2, warmup=1, dataset=make_tiny_dataset(64, 10),
+                             peak=False)
+    assert KEYS <= set(record)
+    assert record['model'] == 'lenet5' and record['batch'] == 8 and record['params'] == 62_006
+    assert record['train_img_s'] > 0 and record['eval_img_s'] > 0
+    assert record['train_flops_per_image'] > record['eval_flops_per_image'] > 0
+    assert record['flops_fraction'] is None  # no --peak
+
+
+def test_run_bench_scan_mode_and_alias():
+    record = bench.run_bench('googlenet', 4, steps=2, windows=1, warmup=1, mode='scan',
+                             dataset=make_tiny_dataset(16, 10), evaluate=False)
+    assert record['model'] == 'inception10' and record['mode'] == 'scan'
+    assert record['train_img_s'] > 0 and record['eval_img_s'] is None
+
+
+def test_cli_prints_one_json_line(tmp_path):
+    write_binary_cifar(tmp_path)
+    env = {**os.environ, 'CIFAR_FLAX_CACHE': str(tmp_path / 'cache')}
+    out = subprocess.run([sys.executable, '-m', 'cifar_flax.bench', '--model', 'lenet5', '--batch', '8',
+                          '--steps', '2', '--windows', '1', '--data', str(tmp_path), '--peak'],
+                         capture_output=True, text=True, env=env, timeout=600, check=True)
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert KEYS <= set(record)
+    assert record['peak_gflops'] > 0 and 0 < record['flops_fraction']
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--model', 'lenet5', '--batch', '6', '--devices', '4'], 'divisible'),
+    (['--model', 'lenet5', '--conv', 'cudnn'], 'invalid choice'),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(ValueError, match='valid'):
+        bench.run_bench('resnet50', 8, dataset=make_tiny_dataset(16, 10))
