@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -48,6 +49,7 @@ from cifar_flax import checkpoint, plots, train
 from cifar_flax import data as data_lib
 from cifar_flax.config import (RESUME_SAFE_FIELDS, Config, canonical_network, make_config,
                                validate)
+from cifar_flax.models import DEFAULT_ACTIVATION
 
 # Numbers that live in arrays of the train state, so runs differing only in
 # them share one program. (label_smoothing is a Python branch of the loss, so
@@ -209,6 +211,10 @@ def _maths(config: Config) -> dict:
   """What determines a run's numbers. With a constant learning rate the
   number of epochs only says where to stop, so it is not part of it."""
   values = {k: v for k, v in config.to_dict().items() if k not in MECHANICS_FIELDS}
+  # Spell defaults out, so 'relu' and '' (inception10's default) are one run.
+  values["activation"] = config.activation or DEFAULT_ACTIVATION.get(config.network, "relu")
+  if config.network != "inception10":
+    values.pop("bn")  # only inception10 reads it
   if config.schedule == "constant":
     values.pop("epochs")
     values.pop("warmup_epochs")
@@ -333,6 +339,20 @@ def member_history(run_history: dict, epochs: int) -> dict:
 # --- training a group --------------------------------------------------------------
 
 
+MEMBER_MODES = ("auto", "vmap", "loop")
+
+
+def resolve_member_mode(mode: str) -> str:
+  """'auto' -> 'vmap' on accelerators; 'loop' on the CPU, where a vmapped
+  step measured no faster per member than members run one after another
+  (the work is the same and the CPU is already busy; see sweep_speed.py)."""
+  if mode not in MEMBER_MODES:
+    raise ValueError(f"unknown member mode {mode!r}; valid: {', '.join(MEMBER_MODES)}")
+  if mode != "auto":
+    return mode
+  return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
 def member_mesh(count: int):
   """A 'members' mesh over the most devices that divide `count` (None: one device)."""
   devices = jax.devices()
@@ -346,26 +366,56 @@ def stack_trees(trees):
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-class GroupTrainer:
-  """The compiled functions of one group: the trainer's pure pieces under
-  `jax.vmap` over a leading member axis."""
+def unstack_tree(tree, count: int):
+  return [jax.tree.map(lambda leaf: leaf[k], tree) for k in range(count)]
 
-  def __init__(self, configs: list[Config], dataset):
+
+def _is_injected(node) -> bool:
+  return isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def set_hyperparams(opt_state, values: dict):
+  """`opt_state` with the injected hyperparameters (learning rate, weight
+  decay, momentum) set to `values`, keeping their dtypes."""
+  def replace(node):
+    if not _is_injected(node):
+      return node
+    hyperparams = dict(node.hyperparams)
+    for name, value in values.items():
+      if name in hyperparams:
+        hyperparams[name] = jnp.asarray(value, jnp.asarray(hyperparams[name]).dtype)
+    return node._replace(hyperparams=hyperparams)
+  return jax.tree.map(replace, opt_state, is_leaf=_is_injected)
+
+
+INJECTED_FIELDS = ("learning_rate", "weight_decay", "momentum")
+
+
+class GroupTrainer:
+  """The compiled functions of one group, built once for all its members.
+
+  Members differ only in arrays of the train state, so one program serves
+  them all, either under `jax.vmap` over a leading member axis ('vmap',
+  sharded over a 'members' mesh when there are several devices) or called
+  for one member after another ('loop'; the trainer's own jitted chunk).
+  Both keep the group's state stacked on a leading member axis.
+  """
+
+  def __init__(self, configs: list[Config], dataset, mode: str = "auto"):
     self.configs = configs
     self.size = len(configs)
+    self.mode = resolve_member_mode(mode)
     base = configs[0]
     self.trainer = trainer = train.Trainer(base, dataset)
-    self.mesh = member_mesh(self.size)
+    self.mesh = member_mesh(self.size) if self.mode == "vmap" else None
+    self.member_sharding = None
+    self.train_images, self.train_labels = trainer.train_images, trainer.train_labels
+    self.test_images, self.test_labels = trainer.test_images, trainer.test_labels
     if self.mesh is not None:
       self.member_sharding = NamedSharding(self.mesh, P("members"))
-      replicated = NamedSharding(self.mesh, P())
-      put = lambda x: jax.device_put(x, replicated)
-      self.train_images, self.train_labels = put(trainer.train_images), put(trainer.train_labels)
-      self.test_images, self.test_labels = put(trainer.test_images), put(trainer.test_labels)
-    else:
-      self.member_sharding = None
-      self.train_images, self.train_labels = trainer.train_images, trainer.train_labels
-      self.test_images, self.test_labels = trainer.test_images, trainer.test_labels
+      put = lambda x: jax.device_put(x, NamedSharding(self.mesh, P()))
+      self.train_images, self.train_labels = put(self.train_images), put(self.train_labels)
+      self.test_images, self.test_labels = put(self.test_images), put(self.test_labels)
     # The optimizer's update reads learning rate, weight decay and momentum
     # from each member's state, so the base's `tx` serves every member.
     chunk = train.make_train_chunk(trainer.model, trainer.tx, base)
@@ -376,59 +426,105 @@ class GroupTrainer:
         train.make_epoch_indices(trainer.num_train, base.batch_size), in_axes=(0, None)))
 
   def init_state(self):
-    """Each member's own initial state (its seed, its hyperparameters), stacked."""
-    trainer = self.trainer
-    states = [train.create_train_state(c, trainer.model,
-                                       train.make_optimizer(c, trainer.steps_per_epoch))
-              for c in self.configs]
-    return self.place(stack_trees(states))
+    """Each member's initial state (its seed, its hyperparameters), stacked;
+    the same values as `train.create_train_state` with the member's config,
+    from one compiled program."""
+    trainer, base = self.trainer, self.trainer.config
+
+    def init_member(seed, hyperparams):
+      state = train.create_train_state(base, trainer.model, trainer.tx, seed)
+      return state.replace(opt_state=set_hyperparams(state.opt_state, hyperparams))
+
+    seeds = jnp.asarray([c.seed for c in self.configs], jnp.int32)
+    hyperparams = {name: jnp.asarray([getattr(c, name) for c in self.configs], jnp.float32)
+                   for name in INJECTED_FIELDS}
+    return self.place(jax.jit(jax.vmap(init_member))(seeds, hyperparams))
 
   def place(self, state):
     if self.member_sharding is None:
       return state
     return jax.device_put(state, self.member_sharding)
 
+  def run_epoch(self, state, epoch: int, progress, active=None):
+    """One epoch of every member -> (state, per-member sums, per-member train
+    seconds; vmapped members share theirs). Looped members that are not
+    `active` (diverged) are skipped; vmapped ones compute on, ignored."""
+    if self.mode == "vmap":
+      return self._vmapped_epoch(state, epoch, progress)
+    active = [True] * self.size if active is None else active
+    states, rows, seconds = [], [], []
+    for member_state, member_active in zip(unstack_tree(state, self.size), active):
+      if member_active:
+        member_state, sums, member_seconds = train.train_one_epoch(self.trainer, member_state,
+                                                                   epoch, progress)
+      else:
+        sums, member_seconds = {"loss_sum": math.nan, "correct": 0, "nonfinite": True}, 0.0
+        progress.update(self.trainer.steps_per_epoch)
+      states.append(member_state)
+      rows.append(sums)
+      seconds.append(member_seconds)
+    sums = {"loss_sum": np.array([r["loss_sum"] for r in rows]),
+            "correct": np.array([r["correct"] for r in rows]),
+            "nonfinite": np.array([r["nonfinite"] for r in rows]),
+            "count": self.trainer.steps_per_epoch * self.trainer.config.batch_size}
+    return stack_trees(states), sums, np.array(seconds)
 
-def _to_host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  def _vmapped_epoch(self, state, epoch: int, progress):
+    # Per-member sums are read one chunk late, so the device never waits.
+    indices = self.epoch_indices(state.seed, epoch)  # [K, steps, batch]
+    batch = self.trainer.config.batch_size
+    sums = {"loss_sum": np.zeros(self.size), "correct": np.zeros(self.size, np.int64),
+            "count": 0, "nonfinite": np.zeros(self.size, bool)}
+    pending = None
+    start = time.perf_counter()
 
+    def collect(chunk_sums, steps):
+      chunk_sums = jax.tree.map(np.asarray, jax.device_get(chunk_sums))
+      sums["loss_sum"] += chunk_sums["loss_sum"].astype(np.float64)
+      sums["correct"] += chunk_sums["correct"]
+      sums["nonfinite"] |= chunk_sums["nonfinite"]
+      sums["count"] += steps * batch
+      progress.update(steps * self.size)
 
-def train_group_epoch(group_trainer: GroupTrainer, state, epoch: int, progress):
-  """One epoch of every member; per-member sums read one chunk late."""
-  trainer = group_trainer.trainer
-  indices = group_trainer.epoch_indices(state.seed, epoch)  # [K, steps, batch]
-  size, batch = group_trainer.size, trainer.config.batch_size
-  sums = {"loss_sum": np.zeros(size), "correct": np.zeros(size, np.int64), "count": 0,
-          "nonfinite": np.zeros(size, bool)}
-  pending = None
-  start = time.perf_counter()
+    step = self.trainer.config.steps_per_call
+    for first in range(0, indices.shape[1], step):
+      chunk = indices[:, first:first + step]
+      state, chunk_sums = self.train_chunk(state, self.train_images, self.train_labels, chunk)
+      if pending is not None:
+        collect(*pending)
+      pending = (chunk_sums, chunk.shape[1])
+    collect(*pending)
+    return state, sums, np.full(self.size, time.perf_counter() - start)
 
-  def collect(chunk_sums, steps):
-    chunk_sums = _to_host(chunk_sums)
-    sums["loss_sum"] += chunk_sums["loss_sum"].astype(np.float64)
-    sums["correct"] += chunk_sums["correct"]
-    sums["nonfinite"] |= chunk_sums["nonfinite"]
-    sums["count"] += steps * batch
-    progress.update(steps * size)
-
-  step = trainer.config.steps_per_call
-  for first in range(0, indices.shape[1], step):
-    chunk = indices[:, first:first + step]
-    state, chunk_sums = group_trainer.train_chunk(state, group_trainer.train_images,
-                                                  group_trainer.train_labels, chunk)
-    if pending is not None:
-      collect(*pending)
-    pending = (chunk_sums, chunk.shape[1])
-  collect(*pending)
-  return state, sums, time.perf_counter() - start
+  def evaluate_all(self, state, active=None):
+    """Per-member (test loss sums, test correct counts, seconds) as numpy
+    arrays; looped members that are not `active` are skipped (nan)."""
+    start = time.perf_counter()
+    if self.mode == "vmap":
+      totals = self.evaluate(train.model_variables(state), self.test_images, self.test_labels)
+      loss_sums, correct = (np.asarray(t) for t in jax.device_get(totals))
+      return loss_sums, correct, np.full(self.size, time.perf_counter() - start)
+    active = [True] * self.size if active is None else active
+    rows, seconds = [], []
+    for member_state, member_active in zip(unstack_tree(state, self.size), active):
+      if not member_active:
+        rows.append((math.nan, 0))
+        seconds.append(0.0)
+        continue
+      start = time.perf_counter()
+      loss_sum, correct = self.trainer.evaluate(train.model_variables(member_state),
+                                                self.test_images, self.test_labels)
+      rows.append((float(loss_sum), int(correct)))
+      seconds.append(time.perf_counter() - start)
+    return (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array(seconds))
 
 
 def train_group(group: Group, dataset, folder: Path, *, progress, log=print,
-                stop_after_epoch: int | None = None) -> list[dict]:
+                stop_after_epoch: int | None = None, mode: str = "auto") -> list[dict]:
   """Trains (or resumes) one group in `folder`; returns its runs' histories."""
   folder.mkdir(parents=True, exist_ok=True)
   configs = [run.config for run in group.runs]
-  group_trainer = GroupTrainer(configs, dataset)
+  group_trainer = GroupTrainer(configs, dataset, mode)
   trainer = group_trainer.trainer
   state = group_trainer.init_state()
   saved = {"group": group.id, "epoch": 0,
@@ -454,19 +550,18 @@ def train_group(group: Group, dataset, folder: Path, *, progress, log=print,
     active = [h["status"] != "diverged" for h in histories]
     if not any(active):
       break
-    start = time.perf_counter()
-    state, sums, train_seconds = train_group_epoch(group_trainer, state, epoch, progress)
-    test_loss_sums, test_correct = _to_host(group_trainer.evaluate(
-        train.model_variables(state), group_trainer.test_images, group_trainer.test_labels))
-    seconds = time.perf_counter() - start
+    state, sums, train_seconds = group_trainer.run_epoch(state, epoch, progress, active)
+    test_loss_sums, test_correct, test_seconds = group_trainer.evaluate_all(state, active)
     for k, history in enumerate(histories):
       if not active[k]:
-        continue  # diverged earlier: its slot computes on, ignored.
+        continue  # diverged earlier: skipped, or (vmapped) computed on and ignored.
       member_sums = {"loss_sum": float(sums["loss_sum"][k]), "correct": int(sums["correct"][k]),
                      "count": sums["count"]}
       record = train._epoch_record(epoch, member_sums, test_loss_sums[k], test_correct[k],
-                                   trainer.num_test, seconds, train_seconds, num_images)
-      record["vmapped_members"] = group_trainer.size
+                                   trainer.num_test, float(train_seconds[k] + test_seconds[k]),
+                                   float(train_seconds[k]), num_images)
+      record["members_in_program"] = group_trainer.size
+      record["member_mode"] = group_trainer.mode
       if sums["nonfinite"][k] or not math.isfinite(record["test_loss"]):
         history["status"] = "diverged"
         record["diverged"] = True
@@ -502,9 +597,12 @@ def _steps_per_epoch(config: Config, num_train: int) -> int:
 
 
 def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
-              stop_after_epoch: int | None = None) -> dict:
+              stop_after_epoch: int | None = None, mode: str = "auto") -> dict:
   """Trains what is missing of `study` and writes its table, figure and
   results into `study.workdir`; returns the results (also `results.json`).
+
+  `mode` says how a group's members share their program: 'vmap', 'loop' or
+  'auto' (see `resolve_member_mode`).
 
   `stop_after_epoch` stops every group after that epoch (as an interruption
   would); the next call resumes.
@@ -541,6 +639,7 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
     if remaining:
       todo.append(group if len(remaining) == len(group.runs) else make_group(remaining))
 
+  resolve_member_mode(mode)  # a bad mode fails before any work
   log(f"{study.name}: {len(study.members)} members -> {len(runs)} runs in {len(groups)} "
       f"groups; {len(todo)} to train, {len(runs) - sum(len(g.runs) for g in todo)} done")
   if todo:
@@ -560,7 +659,7 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
                                  f"({len(group.runs)} vmapped)")
         folder = groups_dir / group.id
         histories = train_group(group, dataset, folder, progress=progress, log=log,
-                                stop_after_epoch=stop_after_epoch)
+                                stop_after_epoch=stop_after_epoch, mode=mode)
         sources.update({run.id: (h, folder) for run, h in zip(group.runs, histories)})
   results = collect_results(study, runs, sources)
   write_outputs(study, results)
@@ -606,8 +705,10 @@ def member_note(entry: dict, study_dir: Path) -> str:
   if trained_in and Path(trained_in).parent.parent.resolve() != Path(study_dir).resolve():
     notes.append(f"run shared with {Path(trained_in).parent.parent.name}")
   records = history["epochs"]
-  if records and records[-1].get("vmapped_members", 1) > 1:
-    notes.append(f"vmapped with {records[-1]['vmapped_members'] - 1} others")
+  if records and records[-1].get("members_in_program", 1) > 1:
+    others = records[-1]["members_in_program"] - 1
+    how = "vmapped" if records[-1].get("member_mode") == "vmap" else "looped"
+    notes.append(f"one program with {others} others ({how})")
   return "; ".join(notes)
 
 
@@ -635,7 +736,7 @@ def format_table(results: dict, study_dir: Path) -> str:
               str(last.get("epoch", "-")), member_note(entry, study_dir)]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Accuracies and losses are the final epoch's; time is the wall time of the "
-            "member's epochs (vmapped members share it).", ""]
+            "member's epochs, evaluation included (vmapped members share theirs).", ""]
   return "\n".join(lines)
 
 

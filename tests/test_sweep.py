@@ -1,6 +1,7 @@
 """Sweeps on tiny synthetic data: vmapped members equal separate runs, resume
 and skip, divergence, run sharing, outputs, planning and the command line."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from cifar_flax.config import Config
 from experiments import sweeps as sweeps_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_FIELDS = {"seconds", "train_images_per_second", "vmapped_members"}
+TIMING_FIELDS = {"seconds", "train_images_per_second", "members_in_program", "member_mode"}
 
 
 def tiny_base(**overrides):
@@ -36,13 +37,18 @@ def timeless(history):
   return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in history["epochs"]]
 
 
-def assert_histories_close(a, b, rtol=1e-4):
+def assert_histories_close(a, b):
+  """Losses within float tolerance; accuracies within a couple of images (a
+  vmapped convolution sums in another order, which can flip a borderline one)."""
   a, b = timeless(a), timeless(b)
   assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
   for ra, rb in zip(a, b):
     assert ra.keys() == rb.keys()
     for key in ra:
-      np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=1e-6, err_msg=key)
+      if key.endswith("accuracy"):
+        np.testing.assert_allclose(ra[key], rb[key], atol=0.021, err_msg=key)
+      else:
+        np.testing.assert_allclose(ra[key], rb[key], rtol=1e-3, err_msg=key)
 
 
 @pytest.fixture
@@ -65,14 +71,19 @@ def test_vmapped_members_match_separate_fits_and_outputs(tmp_path, tiny_dataset,
              tiny_base(optimizer="sgd", learning_rate=0.02, weight_decay=1e-3, seed=2)]
   study = sweep.Study("mixed", ("member",), members_of(configs), tmp_path / "sweep",
                       command="pytest")
-  results = sweep.run_sweep(study, tiny_dataset, quiet=True)
+  results = sweep.run_sweep(study, tiny_dataset, quiet=True, mode="vmap")
   assert len(count_groups) == 1 and len(count_groups[0]) == 3  # one program for all three
-  for config, entry in zip(configs, results["members"]):
+  looped = sweep.run_sweep(dataclasses.replace(study, workdir=tmp_path / "looped"),
+                           tiny_dataset, quiet=True, mode="loop")
+  for config, entry, looped_entry in zip(configs, results["members"], looped["members"]):
     single = train.fit(config.replace(workdir=str(tmp_path / f"fit{entry['label']}")),
                        dataset=tiny_dataset)
     assert entry["history"]["status"] == single["status"] == "finished"
     assert set(entry["history"]["epochs"][0]) >= set(single["epochs"][0])
+    assert entry["history"]["epochs"][0]["member_mode"] == "vmap"
     assert_histories_close(entry["history"], single)
+    # Looped members run the trainer's own program: the same numbers exactly.
+    assert timeless(looped_entry["history"]) == timeless(single)
 
   workdir = tmp_path / "sweep"
   table = (workdir / "table.md").read_text()
@@ -83,7 +94,7 @@ def test_vmapped_members_match_separate_fits_and_outputs(tmp_path, tiny_dataset,
     image.verify()
   # Run again: nothing is retrained, the results are the same.
   again = sweep.run_sweep(study, tiny_dataset, quiet=True)
-  assert len(count_groups) == 1
+  assert len(count_groups) == 2
   assert again["members"] == results["members"]
 
 
@@ -106,32 +117,33 @@ def test_interrupted_sweep_resumes_and_skips_finished_groups(tmp_path, tiny_data
   monkeypatch.setattr(sweep, "train_group", spy)
 
   with pytest.raises(KeyboardInterrupt):
-    sweep.run_sweep(study, tiny_dataset, quiet=True)
+    sweep.run_sweep(study, tiny_dataset, quiet=True, mode="vmap")
   assert trained == [groups[0].id, groups[1].id]
   interrupt["at"] = None
   # Re-run, stopped inside the second group after its first epoch.
-  partial = sweep.run_sweep(study, tiny_dataset, quiet=True, stop_after_epoch=1)
+  partial = sweep.run_sweep(study, tiny_dataset, quiet=True, stop_after_epoch=1, mode="vmap")
   assert trained[2:] == [groups[1].id]  # the finished group was skipped
   assert [len(m["history"]["epochs"]) for m in partial["members"]] == [3, 3, 1, 1]
   # Re-run: the second group resumes at epoch 2.
-  final = sweep.run_sweep(study, tiny_dataset, quiet=True)
+  final = sweep.run_sweep(study, tiny_dataset, quiet=True, mode="vmap")
   assert trained[3:] == [groups[1].id]
   assert all(m["history"]["status"] == "finished" for m in final["members"])
 
   # The resumed group equals an uninterrupted one, bit for bit on the CPU.
   straight = sweep.run_sweep(
       sweep.Study("straight", tuple(grid), study.members[2:], tmp_path / "b"),
-      tiny_dataset, quiet=True)
+      tiny_dataset, quiet=True, mode="vmap")
   for resumed, uninterrupted in zip(final["members"][2:], straight["members"]):
     assert timeless(resumed["history"]) == timeless(uninterrupted["history"])
 
 
-def test_diverging_member_is_reported_and_the_others_go_on(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_diverging_member_is_reported_and_the_others_go_on(tmp_path, tiny_dataset, mode):
   grid = {"learning_rate": [1e30, 1e-2]}
   study = sweep.Study("diverge", tuple(grid),
                       sweep.grid_members(tiny_base(epochs=3, optimizer="sgd"), grid),
                       tmp_path / "sweep")
-  results = sweep.run_sweep(study, tiny_dataset, quiet=True)
+  results = sweep.run_sweep(study, tiny_dataset, quiet=True, mode=mode)
   diverged, healthy = (m["history"] for m in results["members"])
   assert diverged["status"] == "diverged"
   assert len(diverged["epochs"]) == 1 and diverged["epochs"][0]["diverged"]
@@ -185,6 +197,12 @@ def test_study_plans():
   study, runs, _ = plan("epochs", epochs=1)  # a reduced budget caps the grid
   assert [m.config.epochs for m in study.members] == [1] and len(runs) == 1
   assert Path("/nonexistent/sweeps/optimizer") in plan("loss")[0].reuse_dirs
+  # The base configuration is one run in every study ('relu' is inception10's default).
+  base_runs = {sweep.run_id(m.config) for name, value in [
+      ("learning_rate", 1e-3), ("optimizer", "adam"), ("loss", "cross_entropy"),
+      ("activation", "relu"), ("batch_size", 32), ("epochs", 10)]
+      for m in plan(name)[0].members if m.values[0][1] == value}
+  assert len(base_runs) == 1
 
 
 def test_grid_parsing_and_errors():
@@ -241,7 +259,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     grid = {{"learning_rate": [1e-3, 3e-3], "seed": [0, 1]}}
     study = sweep.Study("md", tuple(grid), sweep.grid_members(base, grid), Path({workdir!r}))
     mesh = sweep.member_mesh(4)
-    results = sweep.run_sweep(study, make_tiny_dataset(), quiet=True)
+    results = sweep.run_sweep(study, make_tiny_dataset(), quiet=True, mode="vmap")
     print(json.dumps(dict(devices=jax.device_count(), mesh=None if mesh is None else mesh.size,
                           losses=[[r["train_loss"] for r in m["history"]["epochs"]]
                                   for m in results["members"]],
