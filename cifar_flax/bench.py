@@ -202,6 +202,8 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
               'eval_flops_per_image': None, 'peak_gflops': None,
               'steps': steps, 'windows': windows, 'compile_s': round(compile_s, 1),
               'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+              # other processes on the machine skew CPU timings; this says how busy it was.
+              'loadavg_1m': round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None,
               'jax': jax.__version__}
     if train_flops:
         record['train_gflops'] = round(train_flops / batch * train_rate / 1e9, 1)

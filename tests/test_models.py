@@ -222,3 +222,17 @@ def test_max_pool_impls_agree(window, stride, padding, size):
     (v, g), (rv, rg) = jax.jit(f('slices'))(x), jax.jit(f('xla'))(x)
     np.testing.assert_allclose(v, rv, rtol=1e-5)
     np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6)
+
+
+def test_hybrid_gradients_inside_scan():
+    """train.fit runs steps in lax.scan; the custom VJP must give the same gradients there."""
+    xs = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 6))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 6, 5)) / 5
+
+    def summed_grads(fn):
+        def body(total, x):
+            return total + jax.grad(lambda k: jnp.sum(jnp.sin(fn(x, k, (2, 2), 'SAME'))))(kernel), None
+        return jax.jit(lambda: jax.lax.scan(body, jnp.zeros_like(kernel), xs)[0])()
+
+    np.testing.assert_allclose(summed_grads(functools.partial(conv_hybrid, chunk=3)), summed_grads(conv_xla),
+                               rtol=1e-4, atol=1e-4)

@@ -1,15 +1,23 @@
 """Building blocks shared by the networks: activations, a Conv with switchable
 implementation, fast max pooling and Keras-style BatchNorm.
 
-Why a custom Conv: XLA:CPU's native convolution (and its backward pass) is an
-order of magnitude slower than a matrix multiply of the same FLOPs on this kind
-of machine, while on GPU the native convolution is the fast path. ``Conv`` keeps
-the exact parameter layout of ``flax.linen.Conv`` (``kernel`` (kh, kw, cin, cout),
-``bias`` (cout,)) so checkpoints do not depend on the implementation.
+Why a custom Conv (measured on a 2-core AVX-512 CPU, jax 0.10, fwd+dx+dw per layer):
+XLA:CPU's native convolution runs near matmul peak for most layers of these
+networks at up to ~32 images per call, but (a) falls off a cliff (~1000x) when
+the feature map is smaller than the kernel (VGG's 3x3 convs on 2x2 maps: 3 of
+them cost ~6 s per batch of 128, hence the 8-15 img/s of a plain nn.Conv VGG16),
+and (b) slows down 2-3x per image above ~32 images, mostly in the kernel
+gradient. im2col + one matmul avoids (a) but pays for building the patches
+(XLA:CPU's concat/slice fusions move only a few GB/s), so it loses to the native
+conv on large maps. 'hybrid' (the CPU default) takes the best of each per layer;
+on GPU the native convolution is used. ``Conv`` keeps the exact parameter
+layout of ``flax.linen.Conv`` (``kernel`` (kh, kw, cin, cout), ``bias`` (cout,))
+so checkpoints do not depend on the implementation.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -111,7 +119,7 @@ def _out_hw(padded_hw, window, strides):
 
 
 def conv_gemm(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
-    """NHWC convolution as im2col + one matmul (XLA:CPU runs dots far faster than convs).
+    """NHWC convolution as im2col + one matmul.
 
     1x1 kernels are a plain matmul (after striding). kxk kernels concatenate the
     k*k shifted views on the channel axis, in the (kh, kw, cin) order of the
@@ -134,7 +142,7 @@ def conv_gemm(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'S
 
 def conv_shifted_sum(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
     """Alternative gemm formulation: sum over the k*k shifted views of one matmul each
-    (no im2col buffer). Kept for benchmarking; measured slower than conv_gemm on CPU."""
+    (no im2col buffer). Kept for benchmarking: measured 1.5-2x slower than conv_gemm on CPU."""
     kh, kw, cin, cout = kernel.shape
     window, strides = (kh, kw), _pair(strides)
     pads = _pads(x.shape[1:3], window, strides, padding)
@@ -160,32 +168,87 @@ def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SA
 # convolutions (and especially their kernel gradients) slow down superlinearly
 # above ~32 images (batch 128 in one call: 2-3x slower per image than 4 calls of 32).
 HYBRID_CONV_CHUNK = 32
+_CANONICAL = ('NHWC', 'HWIO', 'NHWC')
 
 
-def native_conv_is_slow(in_hw, kernel_hw) -> bool:
-    """XLA:CPU's native convolution falls off its fast path when the input is smaller than
-    the kernel (e.g. VGG's 3x3 convs on 2x2 maps: ~1000x slower than a matmul)."""
-    return any(i < k for i, k in zip(in_hw, kernel_hw))
+def native_conv_is_slow(in_hw, out_hw, kernel_hw) -> bool:
+    """XLA:CPU's native convolution falls off its fast path when a map is smaller than the
+    kernel: the input (VGG's 3x3 convs on 2x2 maps: ~1000x slower than a matmul) or the
+    output, which the input-gradient convolution of a strided conv runs on."""
+    return any(i < k or o < k for i, o, k in zip(in_hw, out_hw, kernel_hw))
+
+
+def _conv_input_grad(g, kernel, in_shape, strides, padding):
+    """d(conv)/dx as a canonical NHWC/HWIO convolution of the output gradient with the
+    flipped, in/out-swapped kernel (strides become input dilation)."""
+    kh, kw = kernel.shape[:2]
+    pads = _pads(in_shape[1:3], (kh, kw), strides, padding)
+    grad_pads = []
+    for n, k, s, (lo, _), o in zip(in_shape[1:3], (kh, kw), strides, pads, g.shape[1:3]):
+        before = k - lo - 1
+        grad_pads.append((before, n + k - 1 - ((o - 1) * s + 1) - before))
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return lax.conv_general_dilated(g, flipped, (1, 1), grad_pads, lhs_dilation=strides,
+                                    dimension_numbers=_CANONICAL)
+
+
+def _conv_kernel_grad(x, g, kernel_hw, strides, padding):
+    """d(conv)/dkernel as a canonical convolution: channels of x act as the batch, images as
+    input features, and the output gradient as a (Ho, Wo, B, O) kernel dilated by the strides."""
+    kh, kw = kernel_hw
+    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out = lax.conv_general_dilated(xp.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), 'VALID',
+                                   rhs_dilation=strides, dimension_numbers=_CANONICAL)
+    return out[:, :kh, :kw].transpose(1, 2, 0, 3)
+
+
+def _batch_slices(n: int, chunk: int):
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_canonical(x, kernel, strides, padding, chunk):
+    return jnp.concatenate([conv_xla(x[b], kernel, strides, padding)
+                            for b in _batch_slices(x.shape[0], chunk)], axis=0)
+
+
+def _conv_canonical_fwd(x, kernel, strides, padding, chunk):
+    return _conv_canonical(x, kernel, strides, padding, chunk), (x, kernel)
+
+
+def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
+    x, kernel = residuals
+    parts = _batch_slices(x.shape[0], chunk)
+    dx = jnp.concatenate([_conv_input_grad(g[b], kernel, x[b].shape, strides, padding) for b in parts], axis=0)
+    dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding) for b in parts)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
 def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
                 chunk: int | None = None) -> jax.Array:
-    """The fastest measured form per layer on XLA:CPU.
+    """The fastest measured form per layer on XLA:CPU, also inside lax.scan.
 
-    1x1 kernels and inputs smaller than the kernel: im2col/matmul (conv_gemm).
-    Everything else: the native convolution on batch slices of at most ``chunk``
-    images, concatenated; autodiff then also slices the input-gradient convs and
-    sums the kernel gradient over slices, which is where most of the gain is.
+    1x1 kernels and maps smaller than the kernel: im2col/matmul (conv_gemm).
+    Everything else: native convolutions on batch slices of at most ``chunk``
+    images, with a custom VJP whose input and kernel gradients are written as
+    canonical NHWC/HWIO convolutions. Why: XLA:CPU only runs non-canonical
+    convolutions (the ones jax's own conv transpose rules emit) fast through a
+    rewrite that does not happen inside while loops, where they fall to a naive
+    loop nest 30-200x slower; train.fit's lax.scan over steps is such a loop.
     """
     chunk = chunk or HYBRID_CONV_CHUNK
     kh, kw = kernel.shape[:2]
-    if (kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], (kh, kw)):
+    strides = _pair(strides)
+    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
+    padded_hw = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
+    out_hw = _out_hw(padded_hw, (kh, kw), strides)
+    if (kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw)):
         return conv_gemm(x, kernel, strides, padding)
-    n = x.shape[0]
-    if n <= chunk:
-        return conv_xla(x, kernel, strides, padding)
-    return jnp.concatenate([conv_xla(x[i:i + chunk], kernel, strides, padding)
-                            for i in range(0, n, chunk)], axis=0)
+    return _conv_canonical(x, kernel, strides, padding.upper(), chunk)
 
 
 CONV_FUNCTIONS = {'xla': conv_xla, 'gemm': conv_gemm, 'hybrid': conv_hybrid, 'shifted_sum': conv_shifted_sum}
