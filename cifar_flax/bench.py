@@ -72,14 +72,18 @@ def _set_host_devices(count: int) -> None:
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
 
 
-def _median_rate(run, items_per_call: int, windows: int) -> float:
-    """Median items/second over ``windows`` timed calls of ``run`` (which must block)."""
-    rates = []
+def _median_rate(run, items_per_call: int, windows: int) -> tuple[float, float]:
+    """(median items/second, median cores busy) over ``windows`` timed calls of ``run``
+    (which must block). Cores busy = this process's CPU seconds per wall second: on a
+    shared CPU it shows how much of the machine the measurement actually got."""
+    rates, cores = [], []
     for _ in range(windows):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
-        rates.append(items_per_call / (time.perf_counter() - start))
-    return statistics.median(rates)
+        wall = time.perf_counter() - start
+        rates.append(items_per_call / wall)
+        cores.append((time.process_time() - cpu_start) / wall)
+    return statistics.median(rates), statistics.median(cores)
 
 
 def _flops(compiled) -> float | None:
@@ -97,7 +101,7 @@ def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda a: a @ a)
     matmul(a).block_until_ready()
-    rate = _median_rate(lambda: matmul(a).block_until_ready(), 1, repeats)
+    rate, _ = _median_rate(lambda: matmul(a).block_until_ready(), 1, repeats)
     return 2 * size ** 3 * rate / 1e9
 
 
@@ -192,7 +196,8 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
         run_train(2)
         steps = max(1, round(window_seconds / ((time.perf_counter() - start) / 2)))
         items_per_window = steps * batch
-    train_rate = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window, windows)
+    train_rate, train_cores = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window,
+                                           windows)
 
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
@@ -201,6 +206,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
               'train_flops_per_image': round(train_flops / batch) if train_flops else None,
               'eval_flops_per_image': None, 'peak_gflops': None,
               'steps': steps, 'windows': windows, 'compile_s': round(compile_s, 1),
+              'train_cores_busy': round(train_cores, 2), 'cpu_count': os.cpu_count(),
               'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
               # other processes on the machine skew CPU timings; this says how busy it was.
               'loadavg_1m': round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None,
@@ -220,7 +226,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
                 out = compiled_eval(variables, batches[i % num_batches][0])
             jax.block_until_ready(out)
         run_eval()
-        record['eval_img_s'] = round(_median_rate(run_eval, steps * batch, windows), 1)
+        record['eval_img_s'] = round(_median_rate(run_eval, steps * batch, windows)[0], 1)
         record['eval_flops_per_image'] = round(eval_flops / batch) if eval_flops else None
 
     if peak:
