@@ -13,8 +13,10 @@ Timing starts after compilation and warm-up; each of ``windows`` windows runs
 ``steps`` steps and ends with block_until_ready; the median window is reported.
 Inference times `model.apply(train=False)` on the same batches.
 
-Model FLOPs come from XLA's cost analysis of the compiled train step and
-forward pass; ``--peak`` also measures a float32 4096x4096 matmul so that
+Model FLOPs come from XLA's cost analysis of one lowered train step and one
+forward pass of the same network with XLA's own convolution (`conv='xla'`: the
+other implementations loop over slices, and a loop's body is counted once), so
+they count the model's arithmetic, not the implementation's; ``--peak`` also measures a float32 4096x4096 matmul so that
 achieved FLOP/s can be reported as a fraction of what this machine's matmul reaches.
 """
 
@@ -86,12 +88,31 @@ def _median_rate(run, items_per_call: int, windows: int) -> tuple[float, float]:
     return statistics.median(rates), statistics.median(cores)
 
 
-def _flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
+def _flops(lowered) -> float | None:
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get('flops')
     return float(flops) if flops and flops > 0 else None
+
+
+def model_flops(name: str, config, tx, batch: int, net_options: dict) -> tuple[float | None, float | None]:
+    """(train step, forward pass) FLOPs per image of network ``name``, counted on the
+    lowered (unoptimised, not compiled) programs of the plain-XLA-convolution variant."""
+    import jax
+    import jax.numpy as jnp
+
+    from cifar_flax import train
+    from cifar_flax.models import get_model
+    net = get_model(name, dtype=config.dtype, conv='xla', pool='xla', **net_options)
+    state = jax.eval_shape(lambda: train.create_train_state(config, net, tx))
+    images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.dtype(config.dtype))
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    train_flops = _flops(jax.jit(train.make_train_step(net, tx, config)).lower(state, (images, labels)))
+    forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
+    eval_flops = _flops(forward.lower(train.model_variables(state), images))
+    per_image = lambda flops: flops / batch if flops else None
+    return per_image(train_flops), per_image(eval_flops)
 
 
 def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float:
@@ -160,7 +181,6 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     if mode == 'step':
         step = jax.jit(train.make_train_step(net, tx, config), donate_argnums=0)
         compiled = step.lower(state, batches[0]).compile()
-        train_flops = _flops(compiled)
         state, _ = compiled(state, batches[0])
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - start
@@ -178,8 +198,6 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
         chunk = jax.jit(train.make_train_chunk(net, tx, config, mesh), donate_argnums=0)
         device_indices = replicate(jnp.asarray(indices))
         compiled = chunk.lower(state, images, labels, device_indices).compile()
-        total = _flops(compiled)
-        train_flops = total / steps if total else None
         state, _ = compiled(state, images, labels, device_indices)
         jax.block_until_ready(state)
         compile_s = time.perf_counter() - start
@@ -199,11 +217,12 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     train_rate, train_cores = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window,
                                            windows)
 
+    train_flops, eval_flops = model_flops(name, config, tx, batch, net_options)
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
               'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,
               'train_gflops': None, 'flops_fraction': None,
-              'train_flops_per_image': round(train_flops / batch) if train_flops else None,
+              'train_flops_per_image': round(train_flops) if train_flops else None,
               'eval_flops_per_image': None, 'peak_gflops': None,
               'steps': steps, 'windows': windows, 'compile_s': round(compile_s, 1),
               'train_cores_busy': round(train_cores, 2), 'cpu_count': os.cpu_count(),
@@ -212,13 +231,12 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
               'loadavg_1m': round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None,
               'jax': jax.__version__}
     if train_flops:
-        record['train_gflops'] = round(train_flops / batch * train_rate / 1e9, 1)
+        record['train_gflops'] = round(train_flops * train_rate / 1e9, 1)
 
     if evaluate:
         variables = train.model_variables(state)
         infer = jax.jit(lambda v, x: net.apply(v, x, train=False))
         compiled_eval = infer.lower(variables, batches[0][0]).compile()
-        eval_flops = _flops(compiled_eval)
         jax.block_until_ready(compiled_eval(variables, batches[0][0]))
 
         def run_eval():
@@ -227,7 +245,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
             jax.block_until_ready(out)
         run_eval()
         record['eval_img_s'] = round(_median_rate(run_eval, steps * batch, windows)[0], 1)
-        record['eval_flops_per_image'] = round(eval_flops / batch) if eval_flops else None
+    record['eval_flops_per_image'] = round(eval_flops) if eval_flops else None
 
     if peak:
         record['peak_gflops'] = round(measure_peak_gflops(), 1)

@@ -164,6 +164,10 @@ CONV_CONFIGS = [
     (1, 2, 'SAME', 8, 4, 9),      # inception / resnet projection, odd size
     (1, 2, 'SAME', 8, 4, 8),
     (3, 2, 'SAME', 8, 16, 8),     # resnet downsampling
+    # above HYBRID_GEMM_MAX_CHANNELS: the hybrid impl's native-convolution path
+    (3, 1, 'SAME', 12, 16, 5),
+    (3, 2, 'SAME', 12, 16, 8),
+    (5, 1, 'VALID', 12, 8, 9),
     (3, 2, 'SAME', 8, 16, 7),
     (5, 1, 'SAME', 4, 8, 8),      # inception 5x5
 ]
@@ -226,8 +230,8 @@ def test_max_pool_impls_agree(window, stride, padding, size):
 
 def test_hybrid_gradients_inside_scan():
     """train.fit runs steps in lax.scan; the custom VJP must give the same gradients there."""
-    xs = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 6))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 6, 5)) / 5
+    xs = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 12))  # > HYBRID_GEMM_MAX_CHANNELS
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 12, 5)) / 8
 
     def summed_grads(fn):
         def body(total, x):
