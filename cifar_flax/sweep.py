@@ -9,8 +9,11 @@ runs and groups before any work:
   and nothing in the maths depends on the total length);
 * a *group* is the runs that differ only in numbers that live in arrays
   (`VMAPPED_FIELDS`: the optimizer's injected hyperparameters and the seed).
-  A group is trained as one program: `jax.vmap` over stacked train states,
-  sharded over a 'members' mesh axis when there are several devices. Runs that
+  A group shares one compiled program: `jax.vmap` over stacked train states,
+  sharded over a 'members' mesh axis when there are several devices ('vmap',
+  the default on accelerators), or the trainer's own program called for one
+  member after another ('loop', the default on the CPU, where a vmapped step
+  measured slower per member: see experiments/sweep_speed.py). Runs that
   change shapes or static choices (batch size, optimizer, loss, activation,
   network, ...) fall in different groups, which are trained one after another.
 
@@ -20,8 +23,8 @@ stopped and a finished group is skipped; group ids hash the runs' maths, so a
 changed grid never resumes the wrong state. Finished runs are also looked up by
 their maths in earlier sweeps' folders (`reuse_dirs`): the base configuration
 that appears in every study is trained once. A member whose loss becomes
-non-finite is a result ("diverged"): its curve stops and its slot in the
-vmapped program keeps computing, ignored, while the others go on.
+non-finite is a result ("diverged"): its curve stops and the others go on
+(a vmapped slot keeps computing, ignored; a looped member is skipped).
 """
 
 from __future__ import annotations
@@ -343,9 +346,12 @@ MEMBER_MODES = ("auto", "vmap", "loop")
 
 
 def resolve_member_mode(mode: str) -> str:
-  """'auto' -> 'vmap' on accelerators; 'loop' on the CPU, where a vmapped
-  step measured no faster per member than members run one after another
-  (the work is the same and the CPU is already busy; see sweep_speed.py)."""
+  """'auto' -> 'vmap' on accelerators; 'loop' on the CPU. Both share one
+  compiled program and its evaluation, and both beat separate runs there
+  (GoogLeNet, 5 learning rates, 1 epoch of 5,000 images: vmap 1.6x, loop 2.0x
+  faster than 5 runs of the trainer; experiments/sweep_speed.py), but on two
+  busy cores a vmapped step does the same work as K steps and only adds the
+  per-member bookkeeping, so looping the members wins there."""
   if mode not in MEMBER_MODES:
     raise ValueError(f"unknown member mode {mode!r}; valid: {', '.join(MEMBER_MODES)}")
   if mode != "auto":
@@ -653,14 +659,17 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
                          f"({min(config.train_subset or num_train, num_train)} images)")
     total = sum(group.epochs * len(group.runs) * _steps_per_epoch(group.runs[0].config, num_train)
                 for group in todo)
+    how = {"vmap": "vmapped", "loop": "looped"}[resolve_member_mode(mode)]
     with _progress(total, study.name, quiet) as progress:
       for index, group in enumerate(todo, 1):
-        progress.set_description(f"{study.name} group {index}/{len(todo)} "
-                                 f"({len(group.runs)} vmapped)")
+        members = f", {len(group.runs)} {how}" if len(group.runs) > 1 else ""
+        progress.set_description(f"{study.name} group {index}/{len(todo)}{members}")
         folder = groups_dir / group.id
         histories = train_group(group, dataset, folder, progress=progress, log=log,
                                 stop_after_epoch=stop_after_epoch, mode=mode)
         sources.update({run.id: (h, folder) for run, h in zip(group.runs, histories)})
+        if index < len(todo):  # the table fills in as groups finish
+          write_outputs(study, collect_results(study, runs, sources))
   results = collect_results(study, runs, sources)
   write_outputs(study, results)
   return results
@@ -702,10 +711,10 @@ def member_note(entry: dict, study_dir: Path) -> str:
   if entry["run_epochs"] > len(history["epochs"]) and history["status"] == "finished":
     notes.append(f"epochs 1-{len(history['epochs'])} of the {entry['run_epochs']}-epoch run")
   trained_in = entry["trained_in"]
+  records = history["epochs"]
   if trained_in and Path(trained_in).parent.parent.resolve() != Path(study_dir).resolve():
     notes.append(f"run shared with {Path(trained_in).parent.parent.name}")
-  records = history["epochs"]
-  if records and records[-1].get("members_in_program", 1) > 1:
+  elif records and records[-1].get("members_in_program", 1) > 1:
     others = records[-1]["members_in_program"] - 1
     how = "vmapped" if records[-1].get("member_mode") == "vmap" else "looped"
     notes.append(f"one program with {others} others ({how})")
