@@ -1,6 +1,7 @@
 """The performance table: `cifar_flax.bench` for every network at batch 32 and 128.
 
   python -m experiments.bench_table --data ../shared/data/cifar10-jpeg [--out results/bench_cpu]
+  XLA_FLAGS=--xla_cpu_use_onednn=true python -m experiments.bench_table --batches 32 --out ...
 
 Each measurement runs in its own process (nothing compiled or cached is shared)
 in 'scan' mode, the way `train.fit` trains: a chunk of steps in one `lax.scan`.
@@ -60,7 +61,8 @@ def table(records: list[dict], peak: float, command: str) -> str:
   lines = [
       f"# Training and inference throughput on {records[0]['backend'].upper()} "
       f"({records[0]['cpu_count']} cores)", "",
-      f"Made by `{command}` on {time.strftime('%Y-%m-%d')} (jax {records[0]['jax']}, "
+      f"Made by `{command}` on {time.strftime('%Y-%m-%d')} "
+      f"(XLA_FLAGS='{records[0]['xla_flags']}', jax {records[0]['jax']}, "
       f"{records[0]['dtype']}, conv '{records[0]['conv_resolved']}', scan mode: a chunk of "
       "steps in one `lax.scan`, as training runs). Images/s are the median of "
       f"{records[0]['windows']} timed windows after compilation and warm-up. Peers: the "
@@ -85,15 +87,20 @@ def main(argv=None) -> None:
   p.add_argument("--data", default=None, help="data spec (default: $CIFAR_FLAX_DATA or tfds)")
   p.add_argument("--out", default="results/bench_cpu", help="output path without extension")
   p.add_argument("--models", default=",".join(MODEL_NAMES))
+  p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="of 32, 128")
   p.add_argument("--windows", type=int, default=5)
   p.add_argument("--dtype", default="float32")
   args = p.parse_args(argv)
-  command = "python -m experiments.bench_table " + " ".join(argv if argv is not None else sys.argv[1:])
+  flags = os.environ.get("XLA_FLAGS", "")
+  command = ((f"XLA_FLAGS='{flags}' " if flags else "") + "python -m experiments.bench_table "
+             + " ".join(argv if argv is not None else sys.argv[1:]))
   peaks = peak_gflops(3)
   print(f"matmul peak {statistics.median(peaks):.1f} GFLOP/s ({peaks})", flush=True)
   records = []
   for model in args.models.split(","):
     for batch, steps in zip(BATCHES, SCAN_STEPS[model]):
+      if str(batch) not in args.batches.split(","):
+        continue
       records.append(bench(model, batch, steps, args))
       print(json.dumps(records[-1]), flush=True)
   out = Path(args.out)
