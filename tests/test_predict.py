@@ -308,3 +308,27 @@ def test_cli_without_params_says_how_to_train(tmp_path):
     result = run_cli('--model', 'resnet18', '--ckpt-root', tmp_path, tmp_path / 'x.jpg')
     assert result.returncode == 2
     assert 'python -m experiments.resnet18' in result.stderr and 'Traceback' not in result.stderr
+
+
+# ---- the params that ship in ckpt/ -------------------------------------------------
+
+SHIPPED_RUNS = sorted(p.parent.parent for p in (REPO_ROOT / 'ckpt').glob('*/inference/meta.json'))
+
+
+@pytest.mark.parametrize('run_dir', SHIPPED_RUNS, ids=lambda p: p.name)
+def test_shipped_params_classify_the_sample_images(run_dir):
+    """A fresh clone classifies at once: every exported run in ckpt/ loads and recognises
+    most of ui/samples (one photo per class), as its measured test accuracy predicts."""
+    predictor = load_predictor(run_dir)
+    samples = [REPO_ROOT / 'ui' / 'samples' / f'{name}.jpg' for name in CLASS_NAMES]
+    probabilities = np.asarray(predictor.predict(samples))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    correct = int(np.sum(probabilities.argmax(axis=1) == np.arange(len(CLASS_NAMES))))
+    accuracy = predictor.source.test_accuracy
+    assert accuracy > 0.5
+    # Ten photos are a small sample: ask for 3x chance, and 8 of 10 from an 80% network.
+    assert correct >= (8 if accuracy >= 0.8 else 3), f'{run_dir.name}: {correct}/10 sample images right'
+
+
+def test_shipped_runs_include_googlenet_and_lenet():
+    assert {p.name.split('-')[0] for p in SHIPPED_RUNS} >= {'lenet5', 'inception10'}
