@@ -223,7 +223,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
               'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,
               'train_gflops': None, 'flops_fraction': None,
               'train_flops_per_image': round(train_flops) if train_flops else None,
-              'eval_flops_per_image': None, 'peak_gflops': None,
+              'eval_flops_per_image': round(eval_flops) if eval_flops else None, 'peak_gflops': None,
               'steps': steps, 'windows': windows, 'compile_s': round(compile_s, 1),
               'train_cores_busy': round(train_cores, 2), 'cpu_count': os.cpu_count(),
               'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
@@ -245,7 +245,6 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
             jax.block_until_ready(out)
         run_eval()
         record['eval_img_s'] = round(_median_rate(run_eval, steps * batch, windows)[0], 1)
-    record['eval_flops_per_image'] = round(eval_flops) if eval_flops else None
 
     if peak:
         record['peak_gflops'] = round(measure_peak_gflops(), 1)

@@ -343,6 +343,7 @@ def member_history(run_history: dict, epochs: int) -> dict:
 
 
 MEMBER_MODES = ("auto", "vmap", "loop")
+MEMBER_MODE_WORDS = {"vmap": "vmapped", "loop": "looped"}
 
 
 def resolve_member_mode(mode: str) -> str:
@@ -645,7 +646,7 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
     if remaining:
       todo.append(group if len(remaining) == len(group.runs) else make_group(remaining))
 
-  resolve_member_mode(mode)  # a bad mode fails before any work
+  how = MEMBER_MODE_WORDS[resolve_member_mode(mode)]  # a bad mode fails before any work
   log(f"{study.name}: {len(study.members)} members -> {len(runs)} runs in {len(groups)} "
       f"groups; {len(todo)} to train, {len(runs) - sum(len(g.runs) for g in todo)} done")
   if todo:
@@ -659,7 +660,6 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
                          f"({min(config.train_subset or num_train, num_train)} images)")
     total = sum(group.epochs * len(group.runs) * _steps_per_epoch(group.runs[0].config, num_train)
                 for group in todo)
-    how = {"vmap": "vmapped", "loop": "looped"}[resolve_member_mode(mode)]
     with _progress(total, study.name, quiet) as progress:
       for index, group in enumerate(todo, 1):
         members = f", {len(group.runs)} {how}" if len(group.runs) > 1 else ""
@@ -716,7 +716,7 @@ def member_note(entry: dict, study_dir: Path) -> str:
     notes.append(f"run shared with {Path(trained_in).parent.parent.name}")
   elif records and records[-1].get("members_in_program", 1) > 1:
     others = records[-1]["members_in_program"] - 1
-    how = "vmapped" if records[-1].get("member_mode") == "vmap" else "looped"
+    how = MEMBER_MODE_WORDS.get(records[-1].get("member_mode"), "looped")
     notes.append(f"one program with {others} others ({how})")
   return "; ".join(notes)
 

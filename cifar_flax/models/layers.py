@@ -240,11 +240,16 @@ def _batch_slices(n: int, chunk: int):
     return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
+def _on_batch_slices(fn, x, chunk: int, *sliced):
+    """fn on slices of at most ``chunk`` images of x (and of each of ``sliced``), concatenated."""
+    return jnp.concatenate([fn(x[b], *(a[b] for a in sliced)) for b in _batch_slices(x.shape[0], chunk)],
+                           axis=0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_canonical(x, kernel, strides, padding, chunk):
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    return jnp.concatenate([_canonical_conv(x[b], kernel, strides, pads)
-                            for b in _batch_slices(x.shape[0], chunk)], axis=0)
+    return _on_batch_slices(lambda part: _canonical_conv(part, kernel, strides, pads), x, chunk)
 
 
 def _conv_canonical_fwd(x, kernel, strides, padding, chunk):
@@ -254,7 +259,7 @@ def _conv_canonical_fwd(x, kernel, strides, padding, chunk):
 def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
     x, kernel = residuals
     parts = _batch_slices(x.shape[0], chunk)
-    dx = jnp.concatenate([_conv_input_grad(g[b], kernel, x[b].shape, strides, padding) for b in parts], axis=0)
+    dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
     dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding) for b in parts)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
@@ -283,8 +288,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     padded_hw = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
     out_hw = _out_hw(padded_hw, (kh, kw), strides)
     if x.shape[-1] <= HYBRID_GEMM_MAX_CHANNELS:  # im2col patches stay in cache per slice
-        return jnp.concatenate([conv_gemm(x[b], kernel, strides, padding)
-                                for b in _batch_slices(x.shape[0], chunk)], axis=0)
+        return _on_batch_slices(lambda part: conv_gemm(part, kernel, strides, padding), x, chunk)
     if (kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw)):
         return conv_gemm(x, kernel, strides, padding)
     return _conv_canonical(x, kernel, strides, padding.upper(), chunk)
