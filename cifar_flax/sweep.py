@@ -452,55 +452,41 @@ class GroupTrainer:
       return state
     return jax.device_put(state, self.member_sharding)
 
+  def _per_member(self, state, active, run, skip):
+    """[run(member state), or skip(member state) where not active] (looped members)."""
+    active = [True] * self.size if active is None else active
+    return [(run if member_active else skip)(member)
+            for member, member_active in zip(unstack_tree(state, self.size), active)]
+
   def run_epoch(self, state, epoch: int, progress, active=None):
     """One epoch of every member -> (state, per-member sums, per-member train
     seconds; vmapped members share theirs). Looped members that are not
     `active` (diverged) are skipped; vmapped ones compute on, ignored."""
     if self.mode == "vmap":
       return self._vmapped_epoch(state, epoch, progress)
-    active = [True] * self.size if active is None else active
-    states, rows, seconds = [], [], []
-    for member_state, member_active in zip(unstack_tree(state, self.size), active):
-      if member_active:
-        member_state, sums, member_seconds = train.train_one_epoch(self.trainer, member_state,
-                                                                   epoch, progress)
-      else:
-        sums, member_seconds = {"loss_sum": math.nan, "correct": 0, "nonfinite": True}, 0.0
-        progress.update(self.trainer.steps_per_epoch)
-      states.append(member_state)
-      rows.append(sums)
-      seconds.append(member_seconds)
-    sums = {"loss_sum": np.array([r["loss_sum"] for r in rows]),
-            "correct": np.array([r["correct"] for r in rows]),
-            "nonfinite": np.array([r["nonfinite"] for r in rows]),
-            "count": self.trainer.steps_per_epoch * self.trainer.config.batch_size}
-    return stack_trees(states), sums, np.array(seconds)
+
+    def skip(member_state):
+      progress.update(self.trainer.steps_per_epoch)
+      return member_state, {"loss_sum": math.nan, "correct": 0, "nonfinite": True}, 0.0
+
+    run = lambda member_state: train.train_one_epoch(self.trainer, member_state, epoch, progress)
+    states, member_sums, seconds = zip(*self._per_member(state, active, run, skip))
+    sums = {key: np.array([m[key] for m in member_sums]) for key in ("loss_sum", "correct", "nonfinite")}
+    sums["count"] = self.trainer.steps_per_epoch * self.trainer.config.batch_size
+    return stack_trees(list(states)), sums, np.array(seconds)
 
   def _vmapped_epoch(self, state, epoch: int, progress):
-    # Per-member sums are read one chunk late, so the device never waits.
     indices = self.epoch_indices(state.seed, epoch)  # [K, steps, batch]
-    batch = self.trainer.config.batch_size
     sums = {"loss_sum": np.zeros(self.size), "correct": np.zeros(self.size, np.int64),
             "count": 0, "nonfinite": np.zeros(self.size, bool)}
-    pending = None
     start = time.perf_counter()
 
     def collect(chunk_sums, steps):
-      chunk_sums = jax.tree.map(np.asarray, jax.device_get(chunk_sums))
-      sums["loss_sum"] += chunk_sums["loss_sum"].astype(np.float64)
-      sums["correct"] += chunk_sums["correct"]
-      sums["nonfinite"] |= chunk_sums["nonfinite"]
-      sums["count"] += steps * batch
+      train.add_chunk_sums(sums, chunk_sums, steps * self.trainer.config.batch_size)
       progress.update(steps * self.size)
 
-    step = self.trainer.config.steps_per_call
-    for first in range(0, indices.shape[1], step):
-      chunk = indices[:, first:first + step]
-      state, chunk_sums = self.train_chunk(state, self.train_images, self.train_labels, chunk)
-      if pending is not None:
-        collect(*pending)
-      pending = (chunk_sums, chunk.shape[1])
-    collect(*pending)
+    run_chunk = lambda s, chunk: self.train_chunk(s, self.train_images, self.train_labels, chunk)
+    state = train.run_chunks(run_chunk, state, self.trainer.chunks(indices), collect)
     return state, sums, np.full(self.size, time.perf_counter() - start)
 
   def evaluate_all(self, state, active=None):
@@ -511,19 +497,15 @@ class GroupTrainer:
       totals = self.evaluate(train.model_variables(state), self.test_images, self.test_labels)
       loss_sums, correct = (np.asarray(t) for t in jax.device_get(totals))
       return loss_sums, correct, np.full(self.size, time.perf_counter() - start)
-    active = [True] * self.size if active is None else active
-    rows, seconds = [], []
-    for member_state, member_active in zip(unstack_tree(state, self.size), active):
-      if not member_active:
-        rows.append((math.nan, 0))
-        seconds.append(0.0)
-        continue
+
+    def evaluate_member(member_state):
       start = time.perf_counter()
       loss_sum, correct = self.trainer.evaluate(train.model_variables(member_state),
                                                 self.test_images, self.test_labels)
-      rows.append((float(loss_sum), int(correct)))
-      seconds.append(time.perf_counter() - start)
-    return (np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), np.array(seconds))
+      return float(loss_sum), int(correct), time.perf_counter() - start
+
+    rows = self._per_member(state, active, evaluate_member, lambda _: (math.nan, 0, 0.0))
+    return tuple(np.array(column) for column in zip(*rows))
 
 
 def train_group(group: Group, dataset, folder: Path, *, progress, log=print,

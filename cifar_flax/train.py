@@ -314,9 +314,39 @@ class Trainer:
     return state
 
   def chunks(self, indices):
-    """Slices of the epoch's indices, `steps_per_call` steps each."""
-    step = self.config.steps_per_call
-    return [indices[i:i + step] for i in range(0, indices.shape[0], step)]
+    """Slices of an epoch's indices ([steps, batch], or [members, steps, batch]),
+    `steps_per_call` steps each."""
+    return split_steps(indices, self.config.steps_per_call)
+
+
+def split_steps(indices, steps_per_call: int):
+  """Slices of `steps_per_call` steps of int32[..., steps, batch] epoch indices
+  (a leading member axis, if any, is kept whole)."""
+  steps = indices.shape[-2]
+  return [indices[..., i:i + steps_per_call, :] for i in range(0, steps, steps_per_call)]
+
+
+def run_chunks(run_chunk, state, chunks, collect):
+  """state after `run_chunk(state, chunk)` over `chunks`. Each chunk's sums go
+  to `collect(sums, steps)` one chunk late, so the device never waits for the host."""
+  pending = None
+  for chunk in chunks:
+    state, chunk_sums = run_chunk(state, chunk)
+    if pending is not None:
+      collect(*pending)
+    pending = (chunk_sums, chunk.shape[-2])
+  if pending is not None:
+    collect(*pending)
+  return state
+
+
+def add_chunk_sums(sums: dict, chunk_sums, images: int) -> None:
+  """Adds a chunk's (scalar or per-member) sums, fetched to the host, into `sums`."""
+  chunk_sums = jax.device_get(chunk_sums)
+  sums["loss_sum"] = sums["loss_sum"] + np.asarray(chunk_sums["loss_sum"], np.float64)
+  sums["correct"] = sums["correct"] + np.asarray(chunk_sums["correct"], np.int64)
+  sums["nonfinite"] = sums["nonfinite"] | np.asarray(chunk_sums["nonfinite"])
+  sums["count"] += images
 
 
 def _epoch_record(epoch, sums, test_loss_sum, test_correct, num_test, seconds, train_seconds,
@@ -328,30 +358,23 @@ def _epoch_record(epoch, sums, test_loss_sum, test_correct, num_test, seconds, t
 
 
 def train_one_epoch(trainer: Trainer, state: TrainState, epoch: int, progress):
-  """Runs one epoch's chunks; reads each chunk's sums one chunk late, so the
-  device never waits for the host."""
+  """One epoch's chunks -> (state, sums, seconds); the sums are Python numbers."""
   indices = trainer.epoch_indices(state.seed, epoch)
   sums = {"loss_sum": 0.0, "correct": 0, "count": 0, "nonfinite": False}
-  pending = None
   start = time.perf_counter()
 
   def collect(chunk_sums, steps):
-    sums["loss_sum"] += float(chunk_sums["loss_sum"])
-    sums["correct"] += int(chunk_sums["correct"])
-    sums["count"] += steps * trainer.config.batch_size
-    sums["nonfinite"] |= bool(chunk_sums["nonfinite"])
+    add_chunk_sums(sums, chunk_sums, steps * trainer.config.batch_size)
     progress.update(steps)
     seen = sums["count"]
     progress.set_postfix(loss=f"{sums['loss_sum'] / seen:.4f}", acc=f"{sums['correct'] / seen:.4f}",
                          img_s=f"{seen / (time.perf_counter() - start):.0f}")
 
-  for chunk in trainer.chunks(indices):
-    state, chunk_sums = trainer.train_chunk(state, trainer.train_images, trainer.train_labels,
-                                            chunk)
-    if pending is not None:
-      collect(*pending)
-    pending = (chunk_sums, chunk.shape[0])
-  collect(*pending)
+  run_chunk = lambda s, chunk: trainer.train_chunk(s, trainer.train_images, trainer.train_labels,
+                                                   chunk)
+  state = run_chunks(run_chunk, state, trainer.chunks(indices), collect)
+  sums.update(loss_sum=float(sums["loss_sum"]), correct=int(sums["correct"]),
+              nonfinite=bool(sums["nonfinite"]))
   return state, sums, time.perf_counter() - start
 
 

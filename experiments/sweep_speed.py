@@ -105,9 +105,7 @@ def run_worker(args) -> dict:
     trainer = group.trainer
     for epoch in range(1, configs[0].epochs + 1):
       if args.mode == "vmap":
-        indices = group.epoch_indices(state.seed, epoch)
-        step = trainer.config.steps_per_call
-        chunks = [indices[:, i:i + step] for i in range(0, indices.shape[1], step)]
+        chunks = trainer.chunks(group.epoch_indices(state.seed, epoch))
         state, seconds = _timed_chunks(
             lambda s, c: group.train_chunk(s, group.train_images, group.train_labels, c),
             chunks, state)
