@@ -22,7 +22,8 @@ Each group checkpoints its stacked state with orbax every epoch in
 stopped and a finished group is skipped; group ids hash the runs' maths, so a
 changed grid never resumes the wrong state. Finished runs are also looked up by
 their maths in earlier sweeps' folders (`reuse_dirs`): the base configuration
-that appears in every study is trained once. A member whose loss becomes
+that appears in every study is trained once, and a longer constant-rate run
+continues a shorter one's group from its checkpoint. A member whose loss becomes
 non-finite is a result ("diverged"): its curve stops and the others go on
 (a vmapped slot keeps computing, ignored; a looped member is skipped).
 """
@@ -35,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import typing
@@ -325,6 +327,20 @@ def index_finished_runs(dirs) -> dict[str, tuple[dict, Path]]:
   return found
 
 
+def continue_shorter_group(group: Group, dirs, groups_dir: Path, log=print) -> bool:
+  """Copies another sweep's folder of the same group (same runs, fewer epochs:
+  a constant-rate run is extended) into `groups_dir`, so that the group resumes
+  from its last checkpoint instead of training its first epochs again."""
+  for directory in dirs:
+    source = Path(directory) / GROUPS_DIR / group.id
+    saved = read_group(source)
+    if saved is not None and saved["epoch"] < group.epochs and (source / "checkpoints").is_dir():
+      shutil.copytree(source, Path(groups_dir) / group.id)
+      log(f"group {group.id}: continuing the {saved['epoch']}-epoch group of {source}")
+      return True
+  return False
+
+
 def member_history(run_history: dict, epochs: int) -> dict:
   """A member's history: its run's, cut at the member's epoch count."""
   records = run_history["epochs"][:epochs]
@@ -610,6 +626,9 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
   sources: dict[str, tuple[dict, Path]] = {}
   todo: list[Group] = []
   for group in groups:
+    if not (groups_dir / group.id).exists():
+      continue_shorter_group(group, [d for d in study.reuse_dirs if Path(d) != workdir],
+                             groups_dir, log)
     saved = read_group(groups_dir / group.id)
     if saved is not None:
       histories = {e["run"]: e["history"] for e in saved["runs"]}

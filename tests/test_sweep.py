@@ -175,6 +175,15 @@ def test_shorter_runs_and_other_studies_reuse_finished_runs(tmp_path, tiny_datas
   assert lr_results["members"][0]["history"]["epochs"] == three["epochs"][:2]
   assert "run shared with epochs" in (tmp_path / "lr" / "table.md").read_text()
 
+  # A longer epochs study continues the 3-epoch group from its checkpoint: its
+  # first three epochs are the shorter run's records, timings included.
+  longer = sweep.Study("longer", ("epochs",), sweep.grid_members(base, {"epochs": [4]}),
+                       tmp_path / "longer", reuse_dirs=(tmp_path / "epochs",))
+  (four,) = (m["history"] for m in sweep.run_sweep(longer, tiny_dataset, quiet=True)["members"])
+  assert len(count_groups) == 3
+  assert four["status"] == "finished" and four["epochs"][:3] == three["epochs"]
+  assert len(four["epochs"]) == 4
+
 
 def test_study_plans():
   def plan(name, **overrides):
