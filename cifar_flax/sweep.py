@@ -327,7 +327,7 @@ def index_finished_runs(dirs) -> dict[str, tuple[dict, Path]]:
   return found
 
 
-def continue_shorter_group(group: Group, dirs, groups_dir: Path, log=print) -> bool:
+def continue_shorter_group(group: Group, dirs, groups_dir: Path, log=print) -> None:
   """Copies another sweep's folder of the same group (same runs, fewer epochs:
   a constant-rate run is extended) into `groups_dir`, so that the group resumes
   from its last checkpoint instead of training its first epochs again."""
@@ -337,8 +337,7 @@ def continue_shorter_group(group: Group, dirs, groups_dir: Path, log=print) -> b
     if saved is not None and saved["epoch"] < group.epochs and (source / "checkpoints").is_dir():
       shutil.copytree(source, Path(groups_dir) / group.id)
       log(f"group {group.id}: continuing the {saved['epoch']}-epoch group of {source}")
-      return True
-  return False
+      return
 
 
 def member_history(run_history: dict, epochs: int) -> dict:
@@ -617,7 +616,8 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
   runs = plan_runs(study.members)
   groups = plan_groups(runs.values())
   groups_dir = workdir / GROUPS_DIR
-  reusable = index_finished_runs([d for d in study.reuse_dirs if Path(d) != workdir])
+  other_dirs = [d for d in study.reuse_dirs if Path(d) != workdir]
+  reusable = index_finished_runs(other_dirs)
   own = index_finished_runs([workdir])
 
   # What is already done: a planned group whose folder exists resumes (or is
@@ -627,8 +627,7 @@ def run_sweep(study: Study, dataset=None, *, quiet: bool = False,
   todo: list[Group] = []
   for group in groups:
     if not (groups_dir / group.id).exists():
-      continue_shorter_group(group, [d for d in study.reuse_dirs if Path(d) != workdir],
-                             groups_dir, log)
+      continue_shorter_group(group, other_dirs, groups_dir, log)
     saved = read_group(groups_dir / group.id)
     if saved is not None:
       histories = {e["run"]: e["history"] for e in saved["runs"]}
