@@ -36,24 +36,21 @@ def plot_curves(history: dict, path: Path) -> Path:
 
 def plot_study(title: str, members: list[tuple[str, dict]], path: Path) -> Path:
   """Test accuracy and test loss per epoch, one line per value (label, history),
-  with a dot where each member stops. Longer runs are drawn first, so members
-  that are prefixes of one run (the epochs study) stay visible on top of it."""
+  with a dot where each member stops. Shorter runs lie on top, so members that
+  are prefixes of one run (the epochs study) stay visible on the longest one."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  drawn = [(i, label, history) for i, (label, history) in enumerate(members) if history.get("epochs")]
-  handles = {ax: {} for ax in axes}  # member index -> line, for a legend in the members' order
-  for layer, (i, label, history) in enumerate(sorted(drawn, key=lambda m: -len(m[2]["epochs"]))):
-    color = colors[i % len(colors)]
-    for ax, key in zip(axes, ("test_accuracy", "test_loss")):
+  drawn = [(label, history) for label, history in members if history.get("epochs")]
+  for ax, key in zip(axes, ("test_accuracy", "test_loss")):
+    for label, history in drawn:
       epochs, values = _series(history, key)
-      handles[ax][i], = ax.plot(epochs, values, "-o", markersize=2.5, color=color, zorder=2 + layer,
-                                label=label)
-      ax.plot(epochs[-1:], values[-1:], "o", markersize=7, color=color, zorder=2 + len(drawn))
+      # Shorter runs on top (zorder in (2, 3]); the legend keeps the members' order.
+      line, = ax.plot(epochs, values, "-o", markersize=2.5, zorder=2 + 1 / len(epochs), label=label)
+      ax.plot(epochs[-1:], values[-1:], "o", markersize=7, color=line.get_color(), zorder=4)
   for ax, name in zip(axes, ("test accuracy", "test loss")):
     ax.set(xlabel="epoch", ylabel=name, title=name.capitalize())
     ax.grid(alpha=0.3)
-    if handles[ax]:
-      ax.legend(handles=[handles[ax][i] for i in sorted(handles[ax])], fontsize=8)
+    if drawn:
+      ax.legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

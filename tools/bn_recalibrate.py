@@ -2,7 +2,8 @@
 
   python tools/bn_recalibrate.py ckpt/alexnet8-seed --data ../shared/data/cifar10-jpeg
 
-Evaluates the run's exported params on the test set twice: with the running
+Evaluates the run's exported params on the test set twice, with the run's own
+evaluation (`train.make_evaluate` under its config.json): with the running
 statistics it trained (what every table reports) and with statistics
 re-estimated from the first --images training images in train-mode passes.
 A diagnostic only; it changes no files.
@@ -11,12 +12,13 @@ A diagnostic only; it changes no files.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cifar_flax import checkpoint, data as data_lib
+from cifar_flax import checkpoint, data as data_lib, train
+from cifar_flax.config import load_config
 from cifar_flax.models import get_model
 from cifar_flax.models.layers import BN_MOMENTUM
 
@@ -31,20 +33,21 @@ def main() -> None:
   bundle = checkpoint.load_inference(args.run_dir)
   if "batch_stats" not in bundle.variables:
     raise SystemExit(f"{args.run_dir}: this network has no BatchNorm statistics")
+  config = load_config(Path(args.run_dir) / "config.json")
   dataset = data_lib.load_cifar10(args.data)
   model = get_model(bundle.network, **bundle.model_options)
-  norm = lambda x: data_lib.normalize(jnp.asarray(x), bundle.normalization, jnp.float32)
-  predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, norm(x), train=False), -1))
+  evaluate = jax.jit(train.make_evaluate(model, config))
+  test_images, test_labels = train.pad_to_multiple(dataset.test_images, dataset.test_labels,
+                                                   config.eval_batch_size)
 
   def accuracy(variables) -> float:
-    hits = sum(int((np.asarray(predict(variables, dataset.test_images[i:i + 500]))
-                    == dataset.test_labels[i:i + 500]).sum())
-               for i in range(0, len(dataset.test_images), 500))
-    return hits / len(dataset.test_images)
+    _, correct = evaluate(variables, test_images, test_labels)
+    return int(correct) / len(dataset.test_images)
 
   @jax.jit
   def updated_stats(variables, x):
-    _, updates = model.apply(variables, norm(x), train=True, mutable=["batch_stats"],
+    x = data_lib.normalize(jnp.asarray(x), bundle.normalization, jnp.float32)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
                              rngs={"dropout": jax.random.PRNGKey(0)})
     return updates["batch_stats"]
 
