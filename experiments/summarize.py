@@ -1,9 +1,11 @@
 """Collect finished runs and studies from ckpt/ into results/ with one summary.
 
-  python -m experiments.summarize [--ckpt ckpt] [--results results]
+  python -m experiments.summarize [--ckpt ckpt] [--results results] [--readme README.md]
 
 Every number comes from a history.json that a run wrote; a run that has not
-finished is listed as "not run yet" (or with the epochs it has so far).
+finished is listed as "not run yet" (or with the epochs it has so far). The
+summary table is also written into the README between its two marker lines,
+so the README cannot drift from results/.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ NETWORKS = (("lenet5", "LeNet-5", 0.52), ("alexnet8", "AlexNet", 0.66), ("vgg16"
             ("inception10", "GoogLeNet", 0.73), ("resnet18", "ResNet-18", 0.80))
 RUN_FILES = ("history.json", "curves.png", "config.json")
 STUDY_FILES = ("table.md", "results.json", "figure.png")
+README_BEGIN = "<!-- summary table: written by `python -m experiments.summarize`, do not edit -->"
+README_END = "<!-- end of summary table -->"
 
 
 def _load_history(run_dir: Path) -> dict | None:
@@ -64,11 +68,11 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
     time_text = " / ".join(f"{seconds[p]:.0f}s" if p in seconds else "-" for p in ("seed", "recipe"))
     rows.append(f"| {title} | ~{original:.0%} | {cells['seed']} | {cells['recipe']} | 10 | "
                 f"{time_text} | {'; '.join(sorted(machines)) or '-'} |")
-  table = "\n".join([
-      f"Made by `{command}` on CIFAR-10 (JPEG copy). Test accuracy after the final epoch "
-      "(best epoch in brackets).", "",
+  markdown_table = "\n".join([
       "| network | original | `seed` protocol | `recipe` protocol | epochs | wall time seed / recipe | machine |",
-      "|---|---|---|---|---|---|---|", *rows, ""])
+      "|---|---|---|---|---|---|---|", *rows])
+  table = (f"Made by `{command}` on CIFAR-10 (JPEG copy). Test accuracy after the final epoch "
+           f"(best epoch in brackets).\n\n{markdown_table}\n")
   (results / "summary.md").write_text(table)
   (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
@@ -79,15 +83,37 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
       for name in STUDY_FILES:
         if (study_dir / name).exists():
           shutil.copy2(study_dir / name, target / name)
-  return {"summary": summary, "table": table}
+  return {"summary": summary, "table": table, "markdown_table": markdown_table}
+
+
+def update_readme(readme: Path, markdown_table: str) -> bool:
+  """Replaces what lies between the README's marker lines with the table.
+
+  Returns False (and writes nothing) when the README has neither marker.
+  """
+  text = readme.read_text()
+  has_begin, has_end = README_BEGIN in text, README_END in text
+  if not has_begin and not has_end:
+    return False
+  if not (has_begin and has_end) or text.index(README_BEGIN) > text.index(README_END):
+    raise ValueError(f"{readme}: expected the line {README_BEGIN!r} and, after it, {README_END!r}")
+  head, rest = text.split(README_BEGIN, 1)
+  _, tail = rest.split(README_END, 1)
+  readme.write_text(f"{head}{README_BEGIN}\n{markdown_table}\n{README_END}{tail}")
+  return True
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--ckpt", type=Path, default=Path("ckpt"))
   parser.add_argument("--results", type=Path, default=Path("results"))
+  parser.add_argument("--readme", type=Path, default=Path("README.md"),
+                      help="README whose summary table (between its marker lines) is rewritten")
   args = parser.parse_args(argv)
-  print(write_results(args.ckpt, args.results)["table"])
+  written = write_results(args.ckpt, args.results)
+  print(written["table"])
+  if args.readme.exists() and update_readme(args.readme, written["markdown_table"]):
+    print(f"updated the summary table in {args.readme}")
 
 
 if __name__ == "__main__":
