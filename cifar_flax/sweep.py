@@ -562,8 +562,8 @@ def train_group(group: Group, dataset, folder: Path, *, progress, log=print,
       member_sums = {"loss_sum": float(sums["loss_sum"][k]), "correct": int(sums["correct"][k]),
                      "count": sums["count"]}
       record = train._epoch_record(epoch, member_sums, test_loss_sums[k], test_correct[k],
-                                   trainer.num_test, float(train_seconds[k] + test_seconds[k]),
-                                   float(train_seconds[k]), num_images)
+                                   trainer.num_test, float(train_seconds[k]),
+                                   float(test_seconds[k]), num_images)
       record["members_in_program"] = group_trainer.size
       record["member_mode"] = group_trainer.mode
       if sums["nonfinite"][k] or not math.isfinite(record["test_loss"]):

@@ -19,6 +19,7 @@ NETWORKS = (("lenet5", "LeNet-5", 0.52), ("alexnet8", "AlexNet", 0.66), ("vgg16"
             ("inception10", "GoogLeNet", 0.73), ("resnet18", "ResNet-18", 0.80))
 RUN_FILES = ("history.json", "curves.png", "config.json")
 STUDY_FILES = ("table.md", "results.json", "figure.png")
+TRAINING_ONLY_MARK = "†"
 README_BEGIN = "<!-- summary table: written by `python -m experiments.summarize`, do not edit -->"
 README_END = "<!-- end of summary table -->"
 
@@ -43,7 +44,7 @@ def _cell(history: dict | None, planned_epochs: int = 10) -> str:
 
 def write_results(ckpt: Path, results: Path, command: str = "python -m experiments.summarize") -> dict:
   results.mkdir(parents=True, exist_ok=True)
-  rows, summary = [], []
+  rows, summary, any_training_only = [], [], False
   for network, title, original in NETWORKS:
     cells, seconds, machines = {}, {}, set()
     for protocol in ("seed", "recipe"):
@@ -58,19 +59,27 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
           if (run_dir / name).exists():
             shutil.copy2(run_dir / name, target / name)
         wall = sum(r["seconds"] for r in history["epochs"])
-        seconds[protocol] = wall
+        # Runs recorded before train.fit timed its asynchronous test evaluation
+        # have training-only epoch times (no "test_seconds" in their records).
+        with_evaluation = all("test_seconds" in r for r in history["epochs"])
+        seconds[protocol] = f"{wall:.0f}s" + ("" if with_evaluation else TRAINING_ONLY_MARK)
+        any_training_only |= not with_evaluation
         machines.add(history.get("machine", "unknown"))
         summary.append(dict(network=network, protocol=protocol, epochs=len(history["epochs"]),
                             status=history["status"],
                             test_accuracy=history["epochs"][-1]["test_accuracy"],
                             best_test_accuracy=max(r["test_accuracy"] for r in history["epochs"]),
-                            wall_seconds=round(wall, 1), machine=history.get("machine", "unknown")))
-    time_text = " / ".join(f"{seconds[p]:.0f}s" if p in seconds else "-" for p in ("seed", "recipe"))
+                            wall_seconds=round(wall, 1), wall_includes_evaluation=with_evaluation,
+                            machine=history.get("machine", "unknown")))
+    time_text = " / ".join(seconds.get(p, "-") for p in ("seed", "recipe"))
     rows.append(f"| {title} | ~{original:.0%} | {cells['seed']} | {cells['recipe']} | 10 | "
                 f"{time_text} | {'; '.join(sorted(machines)) or '-'} |")
   markdown_table = "\n".join([
       "| network | original | `seed` protocol | `recipe` protocol | epochs | wall time seed / recipe | machine |",
       "|---|---|---|---|---|---|---|", *rows])
+  if any_training_only:
+    markdown_table += (f"\n\n{TRAINING_ONLY_MARK} training time only: these runs were recorded before "
+                       "the epoch times included the test evaluation, which ran but was not timed.")
   table = (f"Made by `{command}` on CIFAR-10 (JPEG copy). Test accuracy after the final epoch "
            f"(best epoch in brackets).\n\n{markdown_table}\n")
   (results / "summary.md").write_text(table)

@@ -8,10 +8,12 @@ import pytest
 from experiments import summarize
 
 
-def _write_run(ckpt, name, accuracies, status, planned=10, seconds=10.0):
+def _write_run(ckpt, name, accuracies, status, planned=10, seconds=10.0, timed_evaluation=True):
   run = ckpt / name
   run.mkdir(parents=True)
   epochs = [{"epoch": i + 1, "test_accuracy": a, "seconds": seconds} for i, a in enumerate(accuracies)]
+  if timed_evaluation:
+    epochs = [{**r, "test_seconds": 1.0} for r in epochs]
   history = {"network": name.split("-")[0], "protocol": name.split("-")[1], "status": status,
              "machine": "test machine", "epochs": epochs}
   (run / "history.json").write_text(json.dumps(history))
@@ -23,7 +25,7 @@ def _write_run(ckpt, name, accuracies, status, planned=10, seconds=10.0):
 def ckpt(tmp_path):
   root = tmp_path / "ckpt"
   _write_run(root, "lenet5-seed", [0.3, 0.5, 0.45], "finished", planned=3, seconds=2.5)
-  _write_run(root, "vgg16-recipe", [0.4, 0.6], "running")
+  _write_run(root, "vgg16-recipe", [0.4, 0.6], "running", timed_evaluation=False)
   _write_run(root, "alexnet8-seed", [0.2, float("nan")], "diverged")
   return root
 
@@ -38,10 +40,12 @@ def test_summary_lists_every_run_with_its_own_numbers(ckpt, tmp_path):
   assert lenet["test_accuracy"] == 0.45 and lenet["best_test_accuracy"] == 0.5
   assert lenet["epochs"] == 3 and lenet["wall_seconds"] == 7.5 and lenet["status"] == "finished"
   assert entries["vgg16", "recipe"]["status"] == "running"
+  assert lenet["wall_includes_evaluation"] and not entries["vgg16", "recipe"]["wall_includes_evaluation"]
 
   rows = {line.split(" | ")[0].strip("| "): line for line in written["markdown_table"].splitlines()[2:]}
   assert "45.00% (best 50.00%)" in rows["LeNet-5"] and "8s / -" in rows["LeNet-5"]
-  assert "60.00% (best 60.00%), 2/10 epochs so far" in rows["VGG16"]
+  assert "60.00% (best 60.00%), 2/10 epochs so far" in rows["VGG16"] and "- / 20s†" in rows["VGG16"]
+  assert "† training time only" in written["markdown_table"]
   assert "diverged" in rows["AlexNet"]
   assert rows["ResNet-18"].count("not run yet") == 2
   assert (results / "runs" / "lenet5-seed" / "history.json").exists()

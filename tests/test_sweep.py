@@ -18,7 +18,7 @@ from cifar_flax.config import Config
 from experiments import sweeps as sweeps_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_FIELDS = {"seconds", "train_images_per_second", "members_in_program", "member_mode"}
+TIMING_FIELDS = {"seconds", "test_seconds", "train_images_per_second", "members_in_program", "member_mode"}
 
 
 def tiny_base(**overrides):
