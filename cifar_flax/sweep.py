@@ -513,12 +513,8 @@ class GroupTrainer:
       loss_sums, correct = (np.asarray(t) for t in jax.device_get(totals))
       return loss_sums, correct, np.full(self.size, time.perf_counter() - start)
 
-    def evaluate_member(member_state):
-      start = time.perf_counter()
-      loss_sum, correct = self.trainer.evaluate(train.model_variables(member_state),
-                                                self.test_images, self.test_labels)
-      return float(loss_sum), int(correct), time.perf_counter() - start
-
+    # Looped members use the base trainer's (unsharded) test set.
+    evaluate_member = lambda member_state: train.evaluate_test_set(self.trainer, member_state)
     rows = self._per_member(state, active, evaluate_member, lambda _: (math.nan, 0, 0.0))
     return tuple(np.array(column) for column in zip(*rows))
 

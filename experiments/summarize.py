@@ -44,7 +44,7 @@ def _cell(history: dict | None, planned_epochs: int = 10) -> str:
 
 def write_results(ckpt: Path, results: Path, command: str = "python -m experiments.summarize") -> dict:
   results.mkdir(parents=True, exist_ok=True)
-  rows, summary, any_training_only = [], [], False
+  rows, summary = [], []
   for network, title, original in NETWORKS:
     cells, seconds, machines = {}, {}, set()
     for protocol in ("seed", "recipe"):
@@ -63,7 +63,6 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
         # have training-only epoch times (no "test_seconds" in their records).
         with_evaluation = all("test_seconds" in r for r in history["epochs"])
         seconds[protocol] = f"{wall:.0f}s" + ("" if with_evaluation else TRAINING_ONLY_MARK)
-        any_training_only |= not with_evaluation
         machines.add(history.get("machine", "unknown"))
         summary.append(dict(network=network, protocol=protocol, epochs=len(history["epochs"]),
                             status=history["status"],
@@ -77,7 +76,7 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
   markdown_table = "\n".join([
       "| network | original | `seed` protocol | `recipe` protocol | epochs | wall time seed / recipe | machine |",
       "|---|---|---|---|---|---|---|", *rows])
-  if any_training_only:
+  if not all(entry["wall_includes_evaluation"] for entry in summary):
     markdown_table += (f"\n\n{TRAINING_ONLY_MARK} training time only: these runs were recorded before "
                        "the epoch times included the test evaluation, which ran but was not timed.")
   table = (f"Made by `{command}` on CIFAR-10 (JPEG copy). Test accuracy after the final epoch "

@@ -2,6 +2,7 @@
 come from the run folders' histories, and unfinished runs say so."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,7 +76,6 @@ def test_readme_without_markers_is_untouched_and_half_a_block_is_an_error(tmp_pa
 
 def test_committed_readme_matches_committed_results():
   """The README's block is what summarize wrote into results/summary.md."""
-  from pathlib import Path
   root = Path(__file__).resolve().parents[1]
   readme, summary = (root / "README.md").read_text(), (root / "results" / "summary.md").read_text()
   block = readme.split(summarize.README_BEGIN, 1)[1].split(summarize.README_END, 1)[0].strip()
