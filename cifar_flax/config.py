@@ -27,6 +27,7 @@ NORMALIZATIONS = ("unit", "standard")
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLS = ("auto", "xla", "gemm")
 BN_MODES = ("batch", "frozen")
+DROPOUT_NETWORKS = ("alexnet8", "vgg16")  # the networks with Dropout layers
 
 # Fields that may change between a run and its resumption: where the data
 # lives, how output is shown and how often it is saved do not change the maths.
@@ -56,6 +57,7 @@ class Config:
   bn: str = "batch"  # inception10 only: 'frozen' reproduces the original's quirk.
   dtype: str = "float32"
   conv: str = "auto"
+  dropout: float = -1.0  # < 0: the network's own rate (alexnet8 0.5, vgg16 0.2).
   # Data.
   data: str = ""  # '' -> $CIFAR_FLAX_DATA or tfds.
   augment: bool = False
@@ -95,6 +97,8 @@ class Config:
       options["activation"] = self.activation
     if self.network == "inception10":
       options["bn"] = self.bn
+    if self.dropout >= 0:
+      options["dropout"] = self.dropout
     return options
 
 
@@ -159,6 +163,11 @@ def validate(config: Config) -> None:
   for name in ("weight_decay", "grad_clip", "warmup_epochs", "momentum", "train_subset"):
     if getattr(config, name) < 0:
       raise ValueError(f"{name} must be non-negative, got {getattr(config, name)!r}")
+  if config.dropout >= 0 and config.network not in DROPOUT_NETWORKS:
+    raise ValueError(f"dropout applies to {', '.join(DROPOUT_NETWORKS)} only; "
+                     f"{config.network} has no Dropout layers")
+  if not config.dropout < 1:
+    raise ValueError(f"dropout must be below 1, got {config.dropout!r}")
   if not 0 <= config.label_smoothing < 1:
     raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing!r}")
   if config.warmup_epochs >= config.epochs and config.schedule == "warmup_cosine":
@@ -195,6 +204,7 @@ _HELP = {
     "train_subset": "train on the first N images of a fixed shuffle (0: all)",
     "steps_per_call": "train steps fused into one device call",
     "activation": f"one of {', '.join(ACTIVATION_NAMES)} (default: the network's)",
+    "dropout": f"Dropout rate of {', '.join(DROPOUT_NETWORKS)}; below 0 keeps the network's own",
 }
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from cifar_flax import checkpoint, train
 from cifar_flax.config import Config, make_config
+from cifar_flax.models import get_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,6 +123,8 @@ def test_sigkill_during_save_then_resume(tmp_path, tiny_dataset):
     (dict(batch_size=-4), "batch_size must be positive"),
     (dict(epochs=0), "epochs must be positive"),
     (dict(batch_size=1024), "larger than the training set"),
+    (dict(dropout=0.1), "lenet5 has no Dropout layers"),
+    (dict(network="alexnet8", dropout=1.0), "dropout must be below 1"),
 ])
 def test_bad_configurations_fail_before_work(tmp_path, tiny_dataset, overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -234,6 +237,12 @@ def test_recipe_protocol_differs_from_seed():
   assert (seed.optimizer, seed.batch_size, seed.augment) == ("adam", 32, False)
   assert recipe.augment and recipe.tta_flip and recipe.learning_rate == 0.2
   assert make_config("googlenet", "seed").bn == "frozen"
+
+
+def test_dropout_option_sets_the_networks_rate():
+  default = get_model("vgg16", **make_config("vgg16", "recipe").model_options())
+  lowered = get_model("vgg16", **make_config("vgg16", "recipe", dropout=0.05).model_options())
+  assert (default.dropout, lowered.dropout) == (0.2, 0.05)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
