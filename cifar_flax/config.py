@@ -27,7 +27,6 @@ NORMALIZATIONS = ("unit", "standard")
 DTYPES = ("float32", "bfloat16")
 CONV_IMPLS = ("auto", "xla", "gemm")
 BN_MODES = ("batch", "frozen")
-DROPOUT_NETWORKS = ("alexnet8", "vgg16")  # the networks with Dropout layers
 
 # Fields that may change between a run and its resumption: where the data
 # lives, how output is shown and how often it is saved do not change the maths.
@@ -57,7 +56,7 @@ class Config:
   bn: str = "batch"  # inception10 only: 'frozen' reproduces the original's quirk.
   dtype: str = "float32"
   conv: str = "auto"
-  dropout: float = -1.0  # < 0: the network's own rate (alexnet8 0.5, vgg16 0.2).
+  dropout: float = -1.0  # < 0: the network's own rate; only networks with Dropout.
   # Data.
   data: str = ""  # '' -> $CIFAR_FLAX_DATA or tfds.
   augment: bool = False
@@ -144,7 +143,7 @@ def _check_choice(field: str, value: str, valid) -> None:
 
 def validate(config: Config) -> None:
   """Raise ValueError for a configuration that cannot run, before any work."""
-  from cifar_flax.models import MODEL_NAMES  # models import jax; keep config light.
+  from cifar_flax.models import MODEL_NAMES, network_options  # models import jax; keep config light.
   _check_choice("network", config.network, MODEL_NAMES)
   _check_choice("protocol", config.protocol, PROTOCOLS)
   _check_choice("optimizer", config.optimizer, OPTIMIZERS)
@@ -163,8 +162,9 @@ def validate(config: Config) -> None:
   for name in ("weight_decay", "grad_clip", "warmup_epochs", "momentum", "train_subset"):
     if getattr(config, name) < 0:
       raise ValueError(f"{name} must be non-negative, got {getattr(config, name)!r}")
-  if config.dropout >= 0 and config.network not in DROPOUT_NETWORKS:
-    raise ValueError(f"dropout applies to {', '.join(DROPOUT_NETWORKS)} only; "
+  if config.dropout >= 0 and "dropout" not in network_options(config.network):
+    with_dropout = [n for n in MODEL_NAMES if "dropout" in network_options(n)]
+    raise ValueError(f"dropout applies to {', '.join(with_dropout)} only; "
                      f"{config.network} has no Dropout layers")
   if not config.dropout < 1:
     raise ValueError(f"dropout must be below 1, got {config.dropout!r}")
@@ -204,7 +204,7 @@ _HELP = {
     "train_subset": "train on the first N images of a fixed shuffle (0: all)",
     "steps_per_call": "train steps fused into one device call",
     "activation": f"one of {', '.join(ACTIVATION_NAMES)} (default: the network's)",
-    "dropout": f"Dropout rate of {', '.join(DROPOUT_NETWORKS)}; below 0 keeps the network's own",
+    "dropout": "Dropout rate of the networks that have Dropout; below 0 keeps the network's own",
 }
 
 

@@ -31,6 +31,7 @@ non-finite is a result ("diverged"): its curve stops and the others go on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -514,8 +515,8 @@ class GroupTrainer:
       return loss_sums, correct, np.full(self.size, time.perf_counter() - start)
 
     # Looped members use the base trainer's (unsharded) test set.
-    evaluate_member = lambda member_state: train.evaluate_test_set(self.trainer, member_state)
-    rows = self._per_member(state, active, evaluate_member, lambda _: (math.nan, 0, 0.0))
+    rows = self._per_member(state, active, functools.partial(train.evaluate_test_set, self.trainer),
+                            lambda _: (math.nan, 0, 0.0))
     return tuple(np.array(column) for column in zip(*rows))
 
 

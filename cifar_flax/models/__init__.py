@@ -30,6 +30,11 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def network_options(name: str) -> set[str]:
+    """The keyword options the network's module takes (e.g. 'dropout' where it has Dropout)."""
+    return set(_MODELS[canonical_name(name)].__dataclass_fields__) - {'parent', 'name'}
+
+
 def get_model(name: str, *, num_classes: int = 10, activation: str | None = None,
               dtype: str = 'float32', conv: str = 'auto', pool: str = 'auto', **options) -> nn.Module:
     """Build a network by name. ``options`` are network specific (inception10: bn='batch'|'frozen')."""
@@ -39,7 +44,7 @@ def get_model(name: str, *, num_classes: int = 10, activation: str | None = None
     check_impl(conv, CONV_IMPLS, 'conv')
     check_impl(pool, POOL_IMPLS, 'pool')
     cls = _MODELS[name]
-    unknown = set(options) - set(cls.__dataclass_fields__) - {'parent', 'name'}
+    unknown = set(options) - network_options(name)
     if unknown:
         raise ValueError(f'unknown options {sorted(unknown)} for model {name!r}')
     return cls(num_classes=num_classes, activation=activation, dtype=get_dtype(dtype),
@@ -47,4 +52,4 @@ def get_model(name: str, *, num_classes: int = 10, activation: str | None = None
 
 
 __all__ = ['MODEL_NAMES', 'ALIASES', 'ACTIVATIONS', 'CONV_IMPLS', 'POOL_IMPLS', 'get_model',
-           'canonical_name', 'count_params', 'AlexNet8', 'Inception10', 'LeNet5', 'ResNet18', 'VGG16']
+           'canonical_name', 'count_params', 'network_options', 'AlexNet8', 'Inception10', 'LeNet5', 'ResNet18', 'VGG16']
