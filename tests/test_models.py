@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model
-from cifar_flax.models.layers import (Conv, conv_gemm, conv_hybrid, conv_shifted_sum, conv_xla, max_pool,
-                                      resolve_conv_impl)
+from cifar_flax.models.layers import (WINOGRAD_MIN_SIZE, Conv, conv_gemm, conv_hybrid, conv_shifted_sum,
+                                      conv_winograd, conv_xla, max_pool, resolve_conv_impl,
+                                      winograd_kernel_grad_applies)
 
 # (trainable params, total size of batch_stats) of the reference Keras models.
 EXPECTED_COUNTS = {
@@ -166,6 +167,7 @@ CONV_CONFIGS = [
     (3, 2, 'SAME', 8, 16, 8),     # resnet downsampling
     # above HYBRID_GEMM_MAX_CHANNELS: the hybrid impl's native-convolution path
     (3, 1, 'SAME', 12, 16, 5),
+    (3, 1, 'SAME', 12, 16, 9),    # >= WINOGRAD_MIN_SIZE: Winograd kernel gradient, odd size
     (3, 2, 'SAME', 12, 16, 8),
     (5, 1, 'VALID', 12, 8, 9),
     (3, 2, 'SAME', 8, 16, 7),
@@ -228,33 +230,73 @@ def test_max_pool_impls_agree(window, stride, padding, size):
     np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6)
 
 
-def test_hybrid_gradients_inside_scan():
+@pytest.mark.parametrize('stride', [1, 2])
+def test_hybrid_gradients_inside_scan(stride):
     """train.fit runs steps in lax.scan; the custom VJP must give the same gradients there."""
     xs = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 12))  # > HYBRID_GEMM_MAX_CHANNELS
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 12, 5)) / 8
 
     def summed_grads(fn):
         def body(total, x):
-            return total + jax.grad(lambda k: jnp.sum(jnp.sin(fn(x, k, (2, 2), 'SAME'))))(kernel), None
+            return total + jax.grad(lambda k: jnp.sum(jnp.sin(fn(x, k, (stride, stride), 'SAME'))))(kernel), None
         return jax.jit(lambda: jax.lax.scan(body, jnp.zeros_like(kernel), xs)[0])()
 
     np.testing.assert_allclose(summed_grads(functools.partial(conv_hybrid, chunk=3)), summed_grads(conv_xla),
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3, 4), (3, 9, 12, 5, 2), (1, 1, 3, 2, 2), (2, 2, 2, 4, 1)])
+def test_winograd_conv_matches_native(shape):
+    n, h, w, cin, cout = shape
+    kx, kk = jax.random.split(jax.random.key(h * w))
+    x = jax.random.normal(kx, (n, h, w, cin))
+    kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), (0, 1)))(x, kernel)
+    np.testing.assert_allclose(conv_winograd(x, kernel), conv_xla(x, kernel), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(loss(conv_winograd)), jax.tree_util.tree_leaves(loss(conv_xla))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_bfloat16_kernel_grad_as_accurate_as_native():
+    """The Winograd kernel gradient sums over tiles; in bfloat16 it must not lose much more
+    than XLA's own bfloat16 convolution (both against the float32 gradient)."""
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
+
+    def kernel_grad(fn, dtype):
+        loss = lambda k: jnp.sum(jnp.sin(fn(x.astype(dtype), k.astype(dtype)).astype(jnp.float32)))
+        return jax.jit(jax.grad(loss))(kernel)
+
+    ref = kernel_grad(conv_xla, jnp.float32)
+    error = lambda fn: float(jnp.abs(kernel_grad(fn, jnp.bfloat16) - ref).max() / jnp.abs(ref).max())
+    assert error(conv_hybrid) < 2 * error(conv_xla)
+
+
+def test_winograd_only_where_it_applies():
+    with pytest.raises(ValueError, match='3x3'):
+        conv_winograd(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2)), (2, 2))
+    size = WINOGRAD_MIN_SIZE
+    assert winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME')
+    assert not winograd_kernel_grad_applies((size - 1, size), (3, 3), (1, 1), 'SAME')
+    assert not winograd_kernel_grad_applies((size, size), (3, 3), (2, 2), 'SAME')
+    assert not winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID')
+    assert not winograd_kernel_grad_applies((size, size), (5, 5), (1, 1), 'SAME')
+
+
+@pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
-def test_hybrid_conv_under_vmap(in_axes):
+def test_hybrid_conv_under_vmap(in_axes, stride):
     """Sweeps vmap the train step over members; the hybrid conv's own vmap rule (one
     convolution per member, or folded into images/channels) must match jax's."""
     kx, kk = jax.random.split(jax.random.key(3))
-    xs = jax.random.normal(kx, (3, 4, 9, 9, 12))  # > HYBRID_GEMM_MAX_CHANNELS: native path
+    xs = jax.random.normal(kx, (3, 4, 9, 9, 12))  # > HYBRID_GEMM_MAX_CHANNELS: native path (stride 1: Winograd dk)
     kernels = jax.random.normal(kk, (3, 3, 3, 12, 5)) / 10
     x_arg = xs if in_axes[0] == 0 else xs[0]
     k_arg = kernels if in_axes[1] == 0 else kernels[0]
 
     def value_and_grads(fn):
         def member(x, k):
-            loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, (2, 2), 'SAME')))
+            loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, (stride, stride), 'SAME')))
             return jax.value_and_grad(loss, (0, 1))(x, k)
         return jax.jit(jax.vmap(member, in_axes=in_axes))(x_arg, k_arg)
 

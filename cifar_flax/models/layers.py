@@ -236,6 +236,84 @@ def _conv_kernel_grad(x, g, kernel_hw, strides, padding):
     return out[:, :kh, :kw].transpose(1, 2, 0, 3)
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 2x2 output tile of a 3x3 convolution is
+# AT [(G k G^T) * (BT d B)] A for the 4x4 input tile d around it, 16 products instead of 36.
+WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+WINOGRAD_G = ((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1))
+WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Smallest map on which the 'hybrid' impl takes a 3x3 stride-1 SAME convolution's kernel
+# gradient through Winograd tiles; smaller maps keep the native kernel-gradient conv.
+WINOGRAD_MIN_SIZE = 8
+
+
+def _lincomb(coeffs, terms):
+    """sum(c * t) with the zero and +-1 coefficients written as skips and adds."""
+    out = None
+    for c, t in zip(coeffs, terms):
+        if c == 0:
+            continue
+        term = t if c == 1 else -t if c == -1 else c * t
+        out = term if out is None else out + term
+    return out
+
+
+def _winograd_tiles(x: jax.Array) -> jax.Array:
+    """(n, h, w, c) -> (16, n*th*tw, c): BT d B for every 4x4 tile d of the SAME-padded input,
+    tiles at stride 2 (one per 2x2 output tile). The transform is separable: rows, then columns."""
+    n, h, w, c = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    blocks = xp.reshape(n, th + 1, 2, tw + 1, 2, c)   # padded row 2a+b is blocks[:, a, b]
+    rows = [blocks[:, i // 2:i // 2 + th, i % 2] for i in range(4)]  # tile row i: (n, th, tw+1, 2, c)
+    tiles = []
+    for r in range(4):
+        row = _lincomb(WINOGRAD_BT[r], rows)
+        cols = [row[:, :, j // 2:j // 2 + tw, j % 2] for j in range(4)]  # (n, th, tw, c)
+        tiles += [_lincomb(WINOGRAD_BT[s], cols) for s in range(4)]
+    return jnp.stack(tiles).reshape(16, n * th * tw, c)
+
+
+def _winograd_kernel_tiles(kernel: jax.Array) -> jax.Array:
+    """(3, 3, c, k) -> (16, c, k): G k G^T."""
+    g = np.asarray(WINOGRAD_G, np.float32)
+    return jnp.einsum('ri,ijck,sj->rsck', g, kernel, g).reshape(16, *kernel.shape[2:]).astype(kernel.dtype)
+
+
+def conv_winograd(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
+    """3x3, stride-1, SAME NHWC convolution by Winograd F(2x2, 3x3): 16 batched matmuls
+    over all tiles plus add-only transforms. Reference for the 'hybrid' kernel gradient."""
+    if kernel.shape[:2] != (3, 3) or _pair(strides) != (1, 1) or padding.upper() != 'SAME':
+        raise ValueError('conv_winograd takes 3x3 kernels, stride 1, SAME padding only')
+    n, h, w, _ = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    products = lax.dot_general(_winograd_tiles(x), _winograd_kernel_tiles(kernel),
+                               (((2,), (1,)), ((0,), (0,))))  # (16, P, k)
+    products = products.reshape(4, 4, n, th, tw, -1)
+    half = [[_lincomb(WINOGRAD_AT[s], [products[r, j] for j in range(4)]) for s in range(2)] for r in range(4)]
+    y = jnp.stack([jnp.stack([_lincomb(WINOGRAD_AT[r], [half[i][s] for i in range(4)]) for s in range(2)])
+                   for r in range(2)])  # (2, 2, n, th, tw, k)
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, -1)[:, :h, :w]
+
+
+def _winograd_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """d(conv)/dkernel of a 3x3 stride-1 SAME convolution, transposing conv_winograd by hand:
+    output-gradient tiles through A, one (c x P) @ (P x k) matmul per tile position, then G.
+    About 2.25x fewer multiplies than the direct kernel gradient, and plain matmuls.
+    Computed in float32: bfloat16 sums over the tiles lose ~3x more than the direct form."""
+    x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+    n, h, w, _ = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    gp = jnp.pad(g, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
+    g_tiles = gp.reshape(n, th, 2, tw, 2, -1)  # output tile (r, s) is g_tiles[:, :, r, :, s]
+    at = np.asarray(WINOGRAD_AT).T  # at[a] = coefficients of the 2 outputs that product row a feeds
+    rows = [_lincomb(at[a], [g_tiles[:, :, r] for r in range(2)]) for a in range(4)]  # (n, th, tw, 2, k)
+    d_products = jnp.stack([_lincomb(at[b], [rows[a][..., s, :] for s in range(2)])
+                            for a in range(4) for b in range(4)]).reshape(16, n * th * tw, -1)
+    d_kernel_tiles = lax.dot_general(_winograd_tiles(x), d_products, (((1,), (1,)), ((0,), (0,))))  # (16, c, k)
+    gm = np.asarray(WINOGRAD_G, np.float32)
+    return jnp.einsum('ri,rsck,sj->ijck', gm, d_kernel_tiles.reshape(4, 4, *d_kernel_tiles.shape[1:]), gm)
+
+
 def _batch_slices(n: int, chunk: int):
     return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
@@ -244,6 +322,13 @@ def _on_batch_slices(fn, x, chunk: int, *sliced):
     """fn on slices of at most ``chunk`` images of x (and of each of ``sliced``), concatenated."""
     return jnp.concatenate([fn(x[b], *(a[b] for a in sliced)) for b in _batch_slices(x.shape[0], chunk)],
                            axis=0)
+
+
+def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str) -> bool:
+    """Whether the 'hybrid' conv takes this layer's kernel gradient through Winograd tiles:
+    3x3, stride 1, SAME, on maps of at least WINOGRAD_MIN_SIZE."""
+    return (tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1) and padding == 'SAME'
+            and min(in_hw) >= WINOGRAD_MIN_SIZE)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -260,7 +345,10 @@ def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
     x, kernel = residuals
     parts = _batch_slices(x.shape[0], chunk)
     dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
-    dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding) for b in parts)
+    if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
+        dk = _winograd_kernel_grad(x, g)  # matmuls over all tiles: no need for batch slices
+    else:
+        dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding) for b in parts)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -276,7 +364,10 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     kernel: one im2col/matmul (conv_gemm).
     Everything else: native convolutions on batch slices of at most ``chunk``
     images, with a custom VJP whose input and kernel gradients are written as
-    canonical NHWC/HWIO convolutions. Why: XLA:CPU only runs non-canonical
+    canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
+    SAME layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
+    F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
+    costs several times its forward there. Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
     rewrite that does not happen inside while loops, where they fall to a naive
     loop nest 30-200x slower; train.fit's lax.scan over steps is such a loop.
