@@ -3,7 +3,9 @@
   python -m experiments.summarize [--ckpt ckpt] [--results results] [--readme README.md]
 
 Every number comes from a history.json that a run wrote; a run that has not
-finished is listed as "not run yet" (or with the epochs it has so far). The
+finished is listed as "not run yet" (or with the epochs it has so far). A run
+whose folder is not in ckpt/ (a fresh clone ships only the small ones) keeps
+the record already in results/runs/. The
 summary table is also written into the README between its two marker lines,
 so the README cannot drift from results/.
 """
@@ -29,6 +31,16 @@ def _load_history(run_dir: Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
+def _run_dir(ckpt: Path, results: Path, name: str) -> Path:
+  """The run folder in ckpt/ when it holds a history, else the copy already in results/runs/.
+
+  ckpt/ is git-ignored, so a fresh clone (or a new machine) has only the runs it ships;
+  results/ is the record, and a summary must not forget a run because its folder is gone.
+  """
+  run_dir = ckpt / name
+  return run_dir if (run_dir / "history.json").exists() else results / "runs" / name
+
+
 def _cell(history: dict | None, planned_epochs: int = 10) -> str:
   if not history or not history["epochs"]:
     return "not run yet"
@@ -48,7 +60,7 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
   for network, title, original in NETWORKS:
     cells, seconds, machines = {}, {}, set()
     for protocol in ("seed", "recipe"):
-      run_dir = ckpt / f"{network}-{protocol}"
+      run_dir = _run_dir(ckpt, results, f"{network}-{protocol}")
       history = _load_history(run_dir)
       planned = json.loads((run_dir / "config.json").read_text())["epochs"] if history else 10
       cells[protocol] = _cell(history, planned)
@@ -56,7 +68,7 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
         target = results / "runs" / run_dir.name
         target.mkdir(parents=True, exist_ok=True)
         for name in RUN_FILES:
-          if (run_dir / name).exists():
+          if (run_dir / name).exists() and run_dir != target:
             shutil.copy2(run_dir / name, target / name)
         wall = sum(r["seconds"] for r in history["epochs"])
         # Runs recorded before train.fit timed its asynchronous test evaluation

@@ -53,6 +53,23 @@ def test_summary_lists_every_run_with_its_own_numbers(ckpt, tmp_path):
   assert not (results / "runs" / "resnet18-seed").exists()
 
 
+def test_a_run_missing_from_ckpt_keeps_its_record_in_results(ckpt, tmp_path):
+  """ckpt/ is git-ignored: a fresh clone has lost the big runs, results/ still holds them."""
+  results = tmp_path / "results"
+  _write_run(results / "runs", "resnet18-recipe", [0.5, 0.8], "running")
+  _write_run(results / "runs", "vgg16-recipe", [0.1], "running")  # ckpt/ has a newer one
+
+  written = summarize.write_results(ckpt, results)
+
+  rows = {line.split(" | ")[0].strip("| "): line for line in written["markdown_table"].splitlines()[2:]}
+  assert "80.00% (best 80.00%), 2/10 epochs so far" in rows["ResNet-18"]
+  assert "60.00% (best 60.00%), 2/10 epochs so far" in rows["VGG16"]
+  copied = json.loads((results / "runs" / "vgg16-recipe" / "history.json").read_text())
+  assert [r["test_accuracy"] for r in copied["epochs"]] == [0.4, 0.6]
+  entries = {(e["network"], e["protocol"]) for e in json.loads((results / "summary.json").read_text())}
+  assert ("resnet18", "recipe") in entries
+
+
 def test_readme_block_is_replaced_and_the_rest_kept(ckpt, tmp_path):
   table = summarize.write_results(ckpt, tmp_path / "results")["markdown_table"]
   readme = tmp_path / "README.md"
