@@ -257,11 +257,16 @@ def _lincomb(coeffs, terms):
     return out
 
 
+def _winograd_grid(h: int, w: int) -> tuple[int, int]:
+    """Rows and columns of 2x2 output tiles that cover an h x w map."""
+    return -(-h // 2), -(-w // 2)
+
+
 def _winograd_tiles(x: jax.Array) -> jax.Array:
     """(n, h, w, c) -> (16, n*th*tw, c): BT d B for every 4x4 tile d of the SAME-padded input,
     tiles at stride 2 (one per 2x2 output tile). The transform is separable: rows, then columns."""
     n, h, w, c = x.shape
-    th, tw = -(-h // 2), -(-w // 2)
+    th, tw = _winograd_grid(h, w)
     xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
     blocks = xp.reshape(n, th + 1, 2, tw + 1, 2, c)   # padded row 2a+b is blocks[:, a, b]
     rows = [blocks[:, i // 2:i // 2 + th, i % 2] for i in range(4)]  # tile row i: (n, th, tw+1, 2, c)
@@ -285,7 +290,7 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     if kernel.shape[:2] != (3, 3) or _pair(strides) != (1, 1) or padding.upper() != 'SAME':
         raise ValueError('conv_winograd takes 3x3 kernels, stride 1, SAME padding only')
     n, h, w, _ = x.shape
-    th, tw = -(-h // 2), -(-w // 2)
+    th, tw = _winograd_grid(h, w)
     products = lax.dot_general(_winograd_tiles(x), _winograd_kernel_tiles(kernel),
                                (((2,), (1,)), ((0,), (0,))))  # (16, P, k)
     products = products.reshape(4, 4, n, th, tw, -1)
@@ -302,7 +307,7 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     Computed in float32: bfloat16 sums over the tiles lose ~3x more than the direct form."""
     x, g = x.astype(jnp.float32), g.astype(jnp.float32)
     n, h, w, _ = x.shape
-    th, tw = -(-h // 2), -(-w // 2)
+    th, tw = _winograd_grid(h, w)
     gp = jnp.pad(g, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
     g_tiles = gp.reshape(n, th, 2, tw, 2, -1)  # output tile (r, s) is g_tiles[:, :, r, :, s]
     at = np.asarray(WINOGRAD_AT).T  # at[a] = coefficients of the 2 outputs that product row a feeds
@@ -343,12 +348,12 @@ def _conv_canonical_fwd(x, kernel, strides, padding, chunk):
 
 def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
     x, kernel = residuals
-    parts = _batch_slices(x.shape[0], chunk)
     dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
     if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
         dk = _winograd_kernel_grad(x, g)  # matmuls over all tiles: no need for batch slices
     else:
-        dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding) for b in parts)
+        dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding)
+                 for b in _batch_slices(x.shape[0], chunk))
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
