@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from cifar_flax.models import MODEL_NAMES
+from cifar_flax.train import describe_cpu
 
 BATCHES = (32, 128)
 # Training images/s of TF-Keras / PyTorch (oneDNN) on this 2-core CPU, as measured
@@ -57,10 +57,10 @@ def peak_gflops(repeats: int) -> list[float]:
                                text=True).stdout.split()[-1]) for _ in range(repeats)]
 
 
-def table(records: list[dict], peak: float, command: str) -> str:
+def table(records: list[dict], peak: float, command: str, machine: str) -> str:
   lines = [
       f"# Training and inference throughput on {records[0]['backend'].upper()} "
-      f"({records[0]['cpu_count']} cores)", "",
+      f"({records[0]['cpu_count']} cores; {machine})", "",
       f"Made by `{command}` on {time.strftime('%Y-%m-%d')} "
       f"(XLA_FLAGS='{records[0]['xla_flags']}', jax {records[0]['jax']}, "
       f"{records[0]['dtype']}, conv '{records[0]['conv_resolved']}', scan mode: a chunk of "
@@ -103,12 +103,13 @@ def main(argv=None) -> None:
         continue
       records.append(bench(model, batch, steps, args))
       print(json.dumps(records[-1]), flush=True)
+  machine = describe_cpu()
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps(
-      {"command": command, "machine": platform.processor() or platform.machine(),
+      {"command": command, "machine": machine,
        "peak_gflops": peaks, "records": records}, indent=1) + "\n")
-  out.with_suffix(".md").write_text(table(records, statistics.median(peaks), command))
+  out.with_suffix(".md").write_text(table(records, statistics.median(peaks), command, machine))
   print(out.with_suffix(".md").read_text())
 
 

@@ -74,7 +74,9 @@ def test_bench_table_rows_compare_with_peers():
     record = {'model': 'inception10', 'batch': 32, 'train_img_s': 1660.0, 'eval_img_s': 3000.0,
               'train_flops_per_image': 66e6, 'loadavg_1m': 1.5, 'backend': 'cpu', 'cpu_count': 2,
               'jax': '0', 'dtype': 'float32', 'conv_resolved': 'hybrid', 'windows': 5, 'xla_flags': ''}
-    text = bench_table.table([record], peak=200.0, command='python -m experiments.bench_table')
+    text = bench_table.table([record], peak=200.0, command='python -m experiments.bench_table',
+                             machine='x86_64, Some CPU, AVX2')
+    assert text.splitlines()[0] == '# Training and inference throughput on CPU (2 cores; x86_64, Some CPU, AVX2)'
     row = next(line for line in text.splitlines() if line.startswith('| inception10'))
     # 1,660 img/s against the faster peer's 830; 66 MFLOP x 1,660/s = 109.6 GFLOP/s = 55% of 200.
     assert row == '| inception10 | 32 | 1,660 | 775 / 830 | 2.00x | 3,000 | 109.6 | 55% | 1.5 |'

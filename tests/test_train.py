@@ -167,6 +167,15 @@ def test_outputs_curves_png_config_and_history(tmp_path, tiny_dataset):
                              "test_accuracy", "seconds", "test_seconds", "train_images_per_second"}
 
 
+def test_machine_description_names_the_cpu_and_its_vector_unit(monkeypatch):
+  monkeypatch.setattr(train.platform, "machine", lambda: "x86_64")
+  cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512dq\n"
+  assert train.describe_cpu(cpuinfo) == "x86_64, AMD EPYC, AVX-512"
+  assert train.describe_cpu("model name : Some CPU\nflags : sse2 avx2\n") == "x86_64, Some CPU, AVX2"
+  assert train.describe_cpu("") == "x86_64"
+  assert train.describe_machine().startswith("CPU only, ")
+
+
 def test_epoch_seconds_include_the_asynchronous_evaluation(tmp_path, tiny_dataset, monkeypatch):
   """The jitted evaluation returns before it has run; an epoch's recorded time
   must still contain it. Its results are made to wait for ~0.5 s of matmuls."""
