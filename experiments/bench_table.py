@@ -6,8 +6,17 @@
 Each measurement runs in its own process (nothing compiled or cached is shared)
 in 'scan' mode, the way `train.fit` trains: a chunk of steps in one `lax.scan`.
 Writes <out>.json (every bench record) and <out>.md (a table with the peers'
-figures from the performance issue, the ratio to the faster peer, and training
-FLOP/s as a fraction of the float32 matmul peak measured in the same session).
+figures, the ratio to the faster peer, and training FLOP/s as a fraction of the
+float32 matmul peak measured in the same session).
+
+The peers' figures default to those the performance issue measured on a machine
+with a ~180 GFLOP/s matmul. Machines of one kind differ (another measured 380), so
+on any other, measure the peers there first and pass them with --peers:
+
+  for m in lenet5 alexnet8 vgg16 inception10 resnet18; do for b in 32 128; do for f in keras torch; do
+    python tools/peer_bench.py --framework $f --model $m --batch $b --data ../shared/data/cifar10-jpeg
+  done; done; done > results/peers_cpu.jsonl      # torch: pip install torch==2.13.0
+  python -m experiments.bench_table --data ../shared/data/cifar10-jpeg --peers results/peers_cpu.jsonl
 """
 
 from __future__ import annotations
@@ -57,7 +66,24 @@ def peak_gflops(repeats: int) -> list[float]:
                                text=True).stdout.split()[-1]) for _ in range(repeats)]
 
 
-def table(records: list[dict], peak: float, command: str, machine: str) -> str:
+def load_peers(path: str) -> dict:
+  """{network: {batch: (keras, pytorch)}} from `tools/peer_bench.py` JSON lines measured on
+  this machine; a network or batch that file lacks keeps the issue's figure."""
+  measured = {}
+  for line in Path(path).read_text().splitlines():
+    if line.strip():
+      r = json.loads(line)
+      measured.setdefault((r["model"], r["batch"]), {})[r["framework"]] = round(r["train_img_s"])
+  peers = {model: dict(by_batch) for model, by_batch in PEERS.items()}
+  for (model, batch), rates in measured.items():
+    if set(rates) != {"keras", "torch"}:
+      raise ValueError(f"{path}: {model} at batch {batch} needs both a keras and a torch record")
+    peers.setdefault(model, {})[batch] = (rates["keras"], rates["torch"])
+  return peers
+
+
+def table(records: list[dict], peak: float, command: str, machine: str,
+          peers: dict = PEERS, peers_source: str = "") -> str:
   lines = [
       f"# Training and inference throughput on {records[0]['backend'].upper()} "
       f"({records[0]['cpu_count']} cores; {machine})", "",
@@ -65,8 +91,10 @@ def table(records: list[dict], peak: float, command: str, machine: str) -> str:
       f"(XLA_FLAGS='{records[0]['xla_flags']}', jax {records[0]['jax']}, "
       f"{records[0]['dtype']}, conv '{records[0]['conv_resolved']}', scan mode: a chunk of "
       "steps in one `lax.scan`, as training runs). Images/s are the median of "
-      f"{records[0]['windows']} timed windows after compilation and warm-up. Peers: the "
-      "TF-Keras / PyTorch figures measured on this machine for the performance issue. "
+      f"{records[0]['windows']} timed windows after compilation and warm-up. Peers: "
+      + (f"TF-Keras / PyTorch measured on this machine by `tools/peer_bench.py` ({peers_source}). "
+         if peers_source else "the TF-Keras / PyTorch figures measured for the performance issue "
+         "(on a 2-core machine with a ~180 GFLOP/s matmul peak). ") +
       f"FLOP/s fraction: model training FLOPs x images/s / the float32 matmul peak "
       f"({peak:.0f} GFLOP/s, median of 3, measured in the same session). "
       "'load' is the 1-minute load average at the end (2 = both cores busy).", "",
@@ -74,7 +102,7 @@ def table(records: list[dict], peak: float, command: str, machine: str) -> str:
       "| train GFLOP/s | of peak | load |",
       "|---|---|---|---|---|---|---|---|---|"]
   for r in records:
-    keras, torch = PEERS[r["model"]][r["batch"]]
+    keras, torch = peers[r["model"]][r["batch"]]
     gflops = r["train_flops_per_image"] * r["train_img_s"] / 1e9
     lines.append(f"| {r['model']} | {r['batch']} | {r['train_img_s']:,.0f} | {keras:,} / {torch:,} "
                  f"| {r['train_img_s'] / max(keras, torch):.2f}x | {r['eval_img_s']:,.0f} "
@@ -90,7 +118,10 @@ def main(argv=None) -> None:
   p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="of 32, 128")
   p.add_argument("--windows", type=int, default=5)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--peers", default="", help="JSON lines of tools/peer_bench.py measured on this "
+                 "machine (default: the performance issue's figures)")
   args = p.parse_args(argv)
+  peers = load_peers(args.peers) if args.peers else PEERS
   flags = os.environ.get("XLA_FLAGS", "")
   command = ((f"XLA_FLAGS='{flags}' " if flags else "") + "python -m experiments.bench_table "
              + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -109,7 +140,7 @@ def main(argv=None) -> None:
   out.with_suffix(".json").write_text(json.dumps(
       {"command": command, "machine": machine,
        "peak_gflops": peaks, "records": records}, indent=1) + "\n")
-  out.with_suffix(".md").write_text(table(records, statistics.median(peaks), command, machine))
+  out.with_suffix(".md").write_text(table(records, statistics.median(peaks), command, machine, peers, args.peers))
   print(out.with_suffix(".md").read_text())
 
 

@@ -69,6 +69,26 @@ def test_unknown_model_is_an_error():
         bench.run_bench('resnet50', 8, dataset=make_tiny_dataset(16, 10))
 
 
+def test_bench_table_takes_peers_measured_on_this_machine(tmp_path):
+    from experiments import bench_table
+    lines = [{'framework': f, 'model': 'inception10', 'batch': 32, 'train_img_s': rate}
+             for f, rate in (('keras', 1500.4), ('torch', 1660.0))]
+    path = tmp_path / 'peers.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in lines))
+    peers = bench_table.load_peers(str(path))
+    assert peers['inception10'][32] == (1500, 1660)
+    assert peers['inception10'][128] == bench_table.PEERS['inception10'][128]  # not measured: kept
+    record = {'model': 'inception10', 'batch': 32, 'train_img_s': 1660.0, 'eval_img_s': 3000.0,
+              'train_flops_per_image': 66e6, 'loadavg_1m': 1.5, 'backend': 'cpu', 'cpu_count': 2,
+              'jax': '0', 'dtype': 'float32', 'conv_resolved': 'hybrid', 'windows': 5, 'xla_flags': ''}
+    text = bench_table.table([record], 200.0, 'cmd', 'cpu', peers, str(path))
+    assert '| inception10 | 32 | 1,660 | 1,500 / 1,660 | 1.00x |' in text
+    assert 'measured on this machine by `tools/peer_bench.py`' in text
+    path.write_text(json.dumps(lines[0]) + '\n')
+    with pytest.raises(ValueError, match='both a keras and a torch'):
+        bench_table.load_peers(str(path))
+
+
 def test_bench_table_rows_compare_with_peers():
     from experiments import bench_table
     record = {'model': 'inception10', 'batch': 32, 'train_img_s': 1660.0, 'eval_img_s': 3000.0,
