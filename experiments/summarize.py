@@ -41,6 +41,16 @@ def _run_dir(ckpt: Path, results: Path, name: str) -> Path:
   return run_dir if (run_dir / "history.json").exists() else results / "runs" / name
 
 
+def _copy_files(source: Path, target: Path, names) -> None:
+  """Copies the named files that ``source`` has into ``target`` (nothing when they are one)."""
+  if source == target:  # a record kept from results/ is already in place
+    return
+  target.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    if (source / name).exists():
+      shutil.copy2(source / name, target / name)
+
+
 def _cell(history: dict | None, planned_epochs: int = 10) -> str:
   if not history or not history["epochs"]:
     return "not run yet"
@@ -65,11 +75,7 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
       planned = json.loads((run_dir / "config.json").read_text())["epochs"] if history else 10
       cells[protocol] = _cell(history, planned)
       if history and history["epochs"]:
-        target = results / "runs" / run_dir.name
-        target.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-          if (run_dir / name).exists() and run_dir != target:
-            shutil.copy2(run_dir / name, target / name)
+        _copy_files(run_dir, results / "runs" / run_dir.name, RUN_FILES)
         wall = sum(r["seconds"] for r in history["epochs"])
         # Runs recorded before train.fit timed its asynchronous test evaluation
         # have training-only epoch times (no "test_seconds" in their records).
@@ -98,11 +104,7 @@ def write_results(ckpt: Path, results: Path, command: str = "python -m experimen
 
   for study_dir in sorted((ckpt / "sweeps").glob("*")) if (ckpt / "sweeps").exists() else []:
     if (study_dir / "table.md").exists():
-      target = results / "studies" / study_dir.name
-      target.mkdir(parents=True, exist_ok=True)
-      for name in STUDY_FILES:
-        if (study_dir / name).exists():
-          shutil.copy2(study_dir / name, target / name)
+      _copy_files(study_dir, results / "studies" / study_dir.name, STUDY_FILES)
   return {"summary": summary, "table": table, "markdown_table": markdown_table}
 
 
