@@ -9,8 +9,8 @@ import pytest
 
 from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model
 from cifar_flax.models.layers import (WINOGRAD_MIN_SIZE, Conv, conv_gemm, conv_hybrid, conv_shifted_sum,
-                                      conv_winograd, conv_xla, max_pool, resolve_conv_impl,
-                                      winograd_kernel_grad_applies)
+                                      conv_toeplitz, conv_winograd, conv_xla, max_pool, resolve_conv_impl,
+                                      toeplitz_block, winograd_kernel_grad_applies)
 
 # (trainable params, total size of batch_stats) of the reference Keras models.
 EXPECTED_COUNTS = {
@@ -230,6 +230,18 @@ def test_max_pool_impls_agree(window, stride, padding, size):
     np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('impl', ['slices', 'xla'])
+@pytest.mark.parametrize('size', [8, 7])
+def test_strided_pool_is_subsampled_same_pool(impl, size):
+    """Inception's pool branch pools at the stride of its 1x1 conv instead of pooling at
+    stride 1 and letting the conv subsample: the outputs must be the same."""
+    x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
+    strided = max_pool(x, 3, 2, padding=((1, 1), (1, 1)), impl=impl)
+    np.testing.assert_array_equal(strided, max_pool(x, 3, 1, padding='SAME', impl=impl)[:, ::2, ::2])
+    np.testing.assert_array_equal(strided, conv_hybrid(max_pool(x, 3, 1, padding='SAME', impl=impl),
+                                                       jnp.eye(3)[None, None], (2, 2), 'SAME'))
+
+
 @pytest.mark.parametrize('stride', [1, 2])
 def test_hybrid_gradients_inside_scan(stride):
     """train.fit runs steps in lax.scan; the custom VJP must give the same gradients there."""
@@ -255,6 +267,37 @@ def test_winograd_conv_matches_native(shape):
     np.testing.assert_allclose(conv_winograd(x, kernel), conv_xla(x, kernel), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(loss(conv_winograd)), jax.tree_util.tree_leaves(loss(conv_xla))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('k,padding,cin,cout,hw,block', [
+    (5, 'VALID', 3, 6, (32, 32), None),   # lenet5 conv1: block 4 divides the 28 columns
+    (5, 'VALID', 6, 16, (14, 14), None),  # lenet5 conv2: block 5
+    (3, 'SAME', 3, 64, (9, 7), None),     # first layers, odd non-square map
+    (3, 'VALID', 3, 8, (6, 11), 4),       # 9 columns in blocks of 4: padded, then sliced off
+    (5, 'SAME', 4, 8, (7, 7), 16),        # one block wider than the map
+    (3, 'SAME', 2, 3, (6, 6), 1),         # block 1 is im2col
+])
+def test_toeplitz_conv_matches_native(k, padding, cin, cout, hw, block):
+    kx, kk = jax.random.split(jax.random.key(k * cin + cout))
+    x = jax.random.normal(kx, (3, *hw, cin))
+    kernels = jax.random.normal(kk, (3, k, k, cin, cout)) / np.sqrt(k * k * cin)
+    toeplitz = functools.partial(conv_toeplitz, padding=padding, block=block)
+    native = functools.partial(conv_xla, padding=padding)
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), (0, 1)))(x, kernels[0])
+    np.testing.assert_allclose(toeplitz(x, kernels[0]), native(x, kernels[0]), rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree_util.tree_leaves(loss(toeplitz)), jax.tree_util.tree_leaves(loss(native))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # sweeps vmap over members' kernels (and inputs)
+    members = jax.jit(jax.vmap(lambda x, k: toeplitz(x[None], k)))(x, kernels)
+    np.testing.assert_allclose(members, jax.vmap(lambda x, k: native(x[None], k))(x, kernels), rtol=1e-4, atol=1e-4)
+
+
+def test_toeplitz_block_rule():
+    assert toeplitz_block(28, 6) == 4 and toeplitz_block(10, 16) == 5   # lenet5
+    assert toeplitz_block(32, 64) == 2 and toeplitz_block(30, 96) == 2  # vgg16/resnet18, alexnet8
+    assert toeplitz_block(3, 6) == 3 and toeplitz_block(13, 6) == 4     # narrow map; no divisor near 4
+    with pytest.raises(ValueError, match='stride 1'):
+        conv_toeplitz(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2)), (2, 2))
 
 
 def test_hybrid_bfloat16_kernel_grad_as_accurate_as_native():

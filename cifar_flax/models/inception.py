@@ -47,7 +47,11 @@ class InceptionBlock(nn.Module):
         b1 = cba(1, s)(x, train)
         b2 = cba(3)(cba(1, s)(x, train), train)
         b3 = cba(5)(cba(1, s)(x, train), train)
-        b4 = cba(1, s)(max_pool(x, 3, 1, padding='SAME', impl=self.pool), train)
+        # 3x3 'same' pooling then a stride-s 1x1 conv, computed as pooling at stride s
+        # (the windows centred on the pixels the conv keeps) then a stride-1 1x1 conv:
+        # identical outputs, 1/s^2 of the pooling work.
+        pooled = max_pool(x, 3, s, padding=((1, 1), (1, 1)), impl=self.pool)
+        b4 = cba(1)(pooled, train)
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
 

@@ -157,6 +157,51 @@ def conv_shifted_sum(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: s
     return out
 
 
+def toeplitz_block(out_width: int, features: int) -> int:
+    """Output columns per banded matmul in conv_toeplitz (measured on XLA:CPU, layers with
+    3-6 input channels): about 4 for narrow outputs (LeNet-5's 6 and 16 features), 2 for 64-96,
+    where wider blocks waste more multiplies on the band's zeros. A divisor of the output width
+    near that is preferred: padding the width to whole blocks costs a slice of the output."""
+    target = 4 if features < 32 else 2
+    if out_width <= target:
+        return out_width
+    divisors = [d for d in range(2, 2 * target + 1) if out_width % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), d)) if divisors else target
+
+
+def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
+                  block: int | None = None) -> jax.Array:
+    """Stride-1 NHWC convolution as one banded (block-Toeplitz) matmul.
+
+    Each output row of ``block`` columns is a matmul of the kh input rows under it,
+    ``block + kw - 1`` columns each, with a banded matrix built from the kernel: per
+    output pixel the patches hold kh*(block+kw-1)*cin/block values instead of im2col's
+    kh*kw*cin, and the matmul's output is block*cout wide instead of cout. On inputs of
+    a few channels (first layers, LeNet-5) im2col's patches are a large, memory-bound
+    matmul operand with a narrow output; this form moves ~2-3x less and ran 2-3x faster
+    there (fwd + backward), for (block + kw - 1) / kw times the multiplies.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if _pair(strides) != (1, 1):
+        raise ValueError('conv_toeplitz takes stride 1 only')
+    pads = _pads(x.shape[1:3], (kh, kw), (1, 1), padding)
+    n, h, w, _ = x.shape
+    out_h, out_w = h + sum(pads[0]) - kh + 1, w + sum(pads[1]) - kw + 1
+    block = block or toeplitz_block(out_w, cout)
+    blocks = -(-out_w // block)
+    span = block + kw - 1  # input columns under one block of outputs
+    right = blocks * block + kw - 1 - w - pads[1][0]
+    x = jnp.pad(x, ((0, 0), pads[0], (pads[1][0], right), (0, 0)))
+    patches = jnp.stack([jnp.stack([x[:, i:i + out_h, b * block:b * block + span] for i in range(kh)], axis=2)
+                         for b in range(blocks)], axis=2)  # (n, out_h, blocks, kh, span, cin)
+    band = np.zeros((kw, span, block), np.float32)  # band[j, a, c] = 1 where input column a = c + j
+    for j in range(kw):
+        band[j, np.arange(block) + j, np.arange(block)] = 1
+    matrix = jnp.einsum('ijco,jax->iacxo', kernel, band.astype(kernel.dtype))
+    y = patches.reshape(n * out_h * blocks, kh * span * cin) @ matrix.reshape(kh * span * cin, block * cout)
+    return y.reshape(n, out_h, blocks * block, cout)[:, :, :out_w]
+
+
 def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
     """The native XLA convolution (what nn.Conv does)."""
     pads = _pads(x.shape[1:3], kernel.shape[:2], _pair(strides), padding)
@@ -168,10 +213,11 @@ def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SA
 # convolutions (and especially their kernel gradients) slow down superlinearly
 # above ~32 images (batch 128 in one call: 2-3x slower per image than 4 calls of 32).
 HYBRID_CONV_CHUNK = 32
-# Convolutions of at most this many input channels go through im2col/matmul on batch
-# slices in the 'hybrid' impl: XLA:CPU's native convolution is inefficient with so
-# few (LeNet-5 at batch 32: ~9,000 img/s instead of ~5,000; slices: +15% at batch
-# 128). Wider layers lose: GoogLeNet's 16-channel 3x3s were ~30% slower as matmuls.
+# Convolutions of at most this many input channels go through matmuls in the 'hybrid'
+# impl: XLA:CPU's native convolution is inefficient with so few (LeNet-5 at batch 32:
+# ~9,000 img/s as im2col matmuls instead of ~5,000; banded matmuls, conv_toeplitz:
+# ~26,000). Wider layers lose: GoogLeNet's 16-channel 3x3s were ~30% slower as im2col
+# matmuls and no faster as banded ones.
 HYBRID_GEMM_MAX_CHANNELS = 8
 _CANONICAL = ('NHWC', 'HWIO', 'NHWC')
 
@@ -364,9 +410,9 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
                 chunk: int | None = None) -> jax.Array:
     """The fastest measured form per layer on XLA:CPU, also inside lax.scan.
 
-    Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: im2col/matmul on batch
-    slices of at most ``chunk`` images. 1x1 kernels and maps smaller than the
-    kernel: one im2col/matmul (conv_gemm).
+    Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
+    (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
+    images. 1x1 kernels and maps smaller than the kernel: one im2col/matmul (conv_gemm).
     Everything else: native convolutions on batch slices of at most ``chunk``
     images, with a custom VJP whose input and kernel gradients are written as
     canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
@@ -383,14 +429,18 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
     padded_hw = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
     out_hw = _out_hw(padded_hw, (kh, kw), strides)
-    if x.shape[-1] <= HYBRID_GEMM_MAX_CHANNELS:  # im2col patches stay in cache per slice
+    if x.shape[-1] <= HYBRID_GEMM_MAX_CHANNELS:
+        if strides == (1, 1) and (kh, kw) != (1, 1):
+            return conv_toeplitz(x, kernel, strides, padding)
+        # im2col patches stay in cache per slice
         return _on_batch_slices(lambda part: conv_gemm(part, kernel, strides, padding), x, chunk)
     if (kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw)):
         return conv_gemm(x, kernel, strides, padding)
     return _conv_canonical(x, kernel, strides, padding.upper(), chunk)
 
 
-CONV_FUNCTIONS = {'xla': conv_xla, 'gemm': conv_gemm, 'hybrid': conv_hybrid, 'shifted_sum': conv_shifted_sum}
+CONV_FUNCTIONS = {'xla': conv_xla, 'gemm': conv_gemm, 'hybrid': conv_hybrid, 'shifted_sum': conv_shifted_sum,
+                  'toeplitz': conv_toeplitz}
 
 
 class Conv(nn.Module):
@@ -436,8 +486,10 @@ def _max_along(x: jax.Array, axis: int, window: int, stride: int) -> jax.Array:
     return out
 
 
-def max_pool(x: jax.Array, window: int, strides: int, padding: str = 'VALID', impl: str = 'auto') -> jax.Array:
-    """Max pooling; padded ('SAME') positions count as -inf, as in Keras.
+def max_pool(x: jax.Array, window: int, strides: int, padding: str | Sequence[tuple[int, int]] = 'VALID',
+             impl: str = 'auto') -> jax.Array:
+    """Max pooling; padded positions ('SAME', or explicit (lo, hi) pairs for rows and
+    columns) count as -inf, as in Keras.
 
     impl 'slices': separable (rows then columns) max over the window's strided
     views. Forward and backward are plain elementwise selects; measured 2-3x
@@ -445,9 +497,12 @@ def max_pool(x: jax.Array, window: int, strides: int, padding: str = 'VALID', im
     """
     window, strides = _pair(window), _pair(strides)
     impl = resolve_pool_impl(impl)
+    if isinstance(padding, str):
+        pads = _pads(x.shape[1:3], window, strides, padding)
+    else:
+        pads = tuple(tuple(p) for p in padding)
     if impl == 'xla':
-        return nn.max_pool(x, window, strides, padding=padding.upper())
-    pads = _pads(x.shape[1:3], window, strides, padding)
+        return nn.max_pool(x, window, strides, padding=pads)
     if any(p != (0, 0) for p in pads):
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
     x = _max_along(x, 2, window[1], strides[1])
