@@ -170,6 +170,7 @@ CONV_CONFIGS = [
     (3, 1, 'SAME', 12, 16, 9),    # >= WINOGRAD_MIN_SIZE: Winograd kernel gradient, odd size
     (3, 2, 'SAME', 12, 16, 8),
     (5, 1, 'VALID', 12, 8, 9),
+    (3, 1, 'VALID', 12, 16, 9),   # alexnet8 conv 2: Winograd kernel gradient of a VALID conv, odd size
     (3, 2, 'SAME', 8, 16, 7),
     (5, 1, 'SAME', 4, 8, 8),      # inception 5x5
 ]
@@ -322,7 +323,7 @@ def test_winograd_only_where_it_applies():
     assert winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME')
     assert not winograd_kernel_grad_applies((size - 1, size), (3, 3), (1, 1), 'SAME')
     assert not winograd_kernel_grad_applies((size, size), (3, 3), (2, 2), 'SAME')
-    assert not winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID')
+    assert winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID')
     assert not winograd_kernel_grad_applies((size, size), (5, 5), (1, 1), 'SAME')
 
 
