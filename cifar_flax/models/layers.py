@@ -194,7 +194,7 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     x = jnp.pad(x, ((0, 0), pads[0], (pads[1][0], right), (0, 0)))
     patches = jnp.stack([jnp.stack([x[:, i:i + out_h, b * block:b * block + span] for i in range(kh)], axis=2)
                          for b in range(blocks)], axis=2)  # (n, out_h, blocks, kh, span, cin)
-    band = np.zeros((kw, span, block), np.float32)  # band[j, a, c] = 1 where input column a = c + j
+    band = np.zeros((kw, span, block), np.float32)  # band[j, a, x] = 1 where input column a = x + j
     for j in range(kw):
         band[j, np.arange(block) + j, np.arange(block)] = 1
     matrix = jnp.einsum('ijco,jax->iacxo', kernel, band.astype(kernel.dtype))
@@ -216,7 +216,7 @@ HYBRID_CONV_CHUNK = 32
 # Convolutions of at most this many input channels go through matmuls in the 'hybrid'
 # impl: XLA:CPU's native convolution is inefficient with so few (LeNet-5 at batch 32:
 # ~9,000 img/s as im2col matmuls instead of ~5,000; banded matmuls, conv_toeplitz:
-# ~26,000). Wider layers lose: GoogLeNet's 16-channel 3x3s were ~30% slower as im2col
+# 20,000-24,000 on a faster machine where im2col gave 12,000-13,000). Wider layers lose: GoogLeNet's 16-channel 3x3s were ~30% slower as im2col
 # matmuls and no faster as banded ones.
 HYBRID_GEMM_MAX_CHANNELS = 8
 _CANONICAL = ('NHWC', 'HWIO', 'NHWC')
@@ -421,7 +421,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     Everything else: native convolutions on batch slices of at most ``chunk``
     images, with a custom VJP whose input and kernel gradients are written as
     canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
-    SAME layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
+    SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
     costs several times its forward there. Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
