@@ -186,7 +186,7 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
         raise ValueError('conv_toeplitz takes stride 1 only')
     pads = _pads(x.shape[1:3], (kh, kw), (1, 1), padding)
     n, h, w, _ = x.shape
-    out_h, out_w = h + sum(pads[0]) - kh + 1, w + sum(pads[1]) - kw + 1
+    out_h, out_w = _out_hw([size + lo + hi for size, (lo, hi) in zip((h, w), pads)], (kh, kw), (1, 1))
     block = block or toeplitz_block(out_w, cout)
     blocks = -(-out_w // block)
     span = block + kw - 1  # input columns under one block of outputs
@@ -216,8 +216,9 @@ HYBRID_CONV_CHUNK = 32
 # Convolutions of at most this many input channels go through matmuls in the 'hybrid'
 # impl: XLA:CPU's native convolution is inefficient with so few (LeNet-5 at batch 32:
 # ~9,000 img/s as im2col matmuls instead of ~5,000; banded matmuls, conv_toeplitz:
-# 20,000-24,000 on a faster machine where im2col gave 12,000-13,000). Wider layers lose: GoogLeNet's 16-channel 3x3s were ~30% slower as im2col
-# matmuls and no faster as banded ones.
+# 20,000-24,000 on a faster machine where im2col gave 12,000-13,000). Wider layers
+# lose: GoogLeNet's 16-channel 3x3s were ~30% slower as im2col matmuls and no faster
+# as banded ones.
 HYBRID_GEMM_MAX_CHANNELS = 8
 _CANONICAL = ('NHWC', 'HWIO', 'NHWC')
 
