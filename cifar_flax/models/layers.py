@@ -403,6 +403,12 @@ def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
         if padding == 'VALID':  # the SAME conv's gradient with zero gradient on the border outputs
             g = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
         dk = _winograd_kernel_grad(x, g)  # matmuls over all tiles: no need for batch slices
+    elif strides != (1, 1):
+        # im2col's kernel gradient (patches^T @ g): the native form transposes x to (C, H, W, N),
+        # and XLA fuses x's producers (earlier layers' BatchNorm, adds, ReLU) into that transpose
+        # and recomputes them in its cache-hostile order: 12% of a ResNet-18 step in one layer.
+        _, gemm_vjp = jax.vjp(lambda k: conv_gemm(x, k, strides, padding), kernel)
+        dk, = gemm_vjp(g)
     else:
         dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding)
                  for b in _batch_slices(x.shape[0], chunk))
@@ -424,7 +430,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
     SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
-    costs several times its forward there. Why canonical: XLA:CPU only runs non-canonical
+    costs several times its forward there; strided layers take im2col's kernel gradient. Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
     rewrite that does not happen inside while loops, where they fall to a naive
     loop nest 30-200x slower; train.fit's lax.scan over steps is such a loop.
