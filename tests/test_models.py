@@ -223,9 +223,19 @@ def test_auto_picks_per_backend(monkeypatch):
 @pytest.mark.parametrize('window,stride,padding,size', [(2, 2, 'VALID', 8), (2, 2, 'SAME', 7), (2, 2, 'SAME', 1),
                                                         (3, 2, 'VALID', 30), (3, 2, 'VALID', 5),
                                                         (3, 1, 'SAME', 8), (3, 2, 'SAME', 8)])
-def test_max_pool_impls_agree(window, stride, padding, size):
+@pytest.mark.parametrize('ties', [False, True])
+def test_max_pool_impls_agree(window, stride, padding, size, ties):
     x = jax.random.normal(jax.random.key(size), (2, size, size, 3))
-    f = lambda impl: jax.value_and_grad(lambda x: jnp.sum(jnp.cos(max_pool(x, window, stride, padding, impl=impl))))
+    if ties:  # ReLU outputs rounded: many windows hold their maximum more than once
+        x = jnp.round(jax.nn.relu(x))
+    weights = jnp.arange(1.0, 2 * size * size * 3 + 1)  # a distinct gradient per output: shows where each goes
+
+    def f(impl):
+        def loss(x):
+            y = max_pool(x, window, stride, padding, impl=impl)
+            return jnp.sum(jnp.cos(y) * weights[:y.size].reshape(y.shape))
+        return jax.value_and_grad(loss)
+
     (v, g), (rv, rg) = jax.jit(f('slices'))(x), jax.jit(f('xla'))(x)
     np.testing.assert_allclose(v, rv, rtol=1e-5)
     np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6)
