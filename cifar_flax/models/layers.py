@@ -213,8 +213,8 @@ def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SA
 # convolutions (and especially their kernel gradients) slow down superlinearly
 # above ~32 images (batch 128 in one call: 2-3x slower per image than 4 calls of 32).
 HYBRID_CONV_CHUNK = 32
-# Its native kernel-gradient convolution (GoogLeNet's 5x5s: images become the input
-# features) runs fastest on slices of 16 images: 5x5 16x16x16 at batch 128, 1.9 ms per
+# The hybrid impl's native kernel-gradient convolution (GoogLeNet's 5x5s: images become
+# the input features) runs fastest on slices of 16 images: 5x5 16x16x16 at batch 128, 1.9 ms per
 # kernel gradient against 3.5-4.2 ms on slices of 32 and 28 ms in one call.
 HYBRID_KERNEL_GRAD_CHUNK = 16
 # Convolutions of at most this many input channels go through matmuls in the 'hybrid'
@@ -434,7 +434,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
     SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
-    costs several times its forward there; strided layers take im2col's kernel gradient. Why canonical: XLA:CPU only runs non-canonical
+    costs several times its forward there; strided layers take im2col's kernel gradient.
+    Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
     rewrite that does not happen inside while loops, where they fall to a naive
     loop nest 30-200x slower; train.fit's lax.scan over steps is such a loop.
@@ -514,23 +515,13 @@ def _max_pool_slices_fwd(x, window, strides, pads):
     return pooled, (argmax, x.shape)
 
 
-def _max_pool_slices_bwd(window, strides, pads, residuals, g):
-    """Each window's gradient goes to the input pixel its argmax names, gathered per input
+def _spread_by_phase(argmax, g, window, strides, padded_hw):
+    """Each window's gradient moved to the padded-input pixel its argmax names, gathered per
     pixel: padded row s*a + r receives from the window offsets i = r (mod s), of output row
     a - i // s. Per phase (r, q) of the stride that is a sum of selects over shifted slices
     of the (padded) gradient and argmax, which XLA fuses into one pass; the phases are then
-    interleaved. Autodiff of the forward makes a chain of selects and slice transposes
-    instead, each its own pass over memory."""
-    argmax, shape = residuals
+    interleaved. Returns at least the padded input's rows and columns."""
     (kh, kw), (sh, sw), (oh, ow) = window, strides, g.shape[1:3]
-    (top, _), (left, _) = pads
-    padded_hw = [n + lo + hi for n, (lo, hi) in zip(shape[1:3], pads)]
-    if (kh, kw) == (sh, sw):  # windows tile the input: one broadcast select, no shifts
-        offsets = jnp.arange(kh * kw, dtype=argmax.dtype).reshape(1, 1, kh, 1, kw, 1)
-        dxp = jnp.where(argmax[:, :, None, :, None] == offsets, g[:, :, None, :, None], jnp.zeros((), g.dtype))
-        dxp = dxp.reshape(g.shape[0], oh * kh, ow * kw, g.shape[3])
-        dxp = jnp.pad(dxp, ((0, 0), (0, padded_hw[0] - oh * kh), (0, padded_hw[1] - ow * kw), (0, 0)))
-        return (dxp[:, top:top + shape[1], left:left + shape[2]],)
     rows, cols = -(-padded_hw[0] // sh), -(-padded_hw[1] // sw)  # strided blocks of the padded input
     top_shift, left_shift = (kh - 1) // sh, (kw - 1) // sw
     spread = ((0, 0), (top_shift, rows - oh), (left_shift, cols - ow), (0, 0))
@@ -547,7 +538,25 @@ def _max_pool_slices_bwd(window, strides, pads, residuals, g):
                     phase = phase + jnp.where(argmax[window_slice] == i * kw + j, g[window_slice], zero)
             phases.append(phase)
     dxp = jnp.stack(phases).reshape(sh, sw, *phases[0].shape)
-    dxp = dxp.transpose(2, 3, 0, 4, 1, 5).reshape(g.shape[0], rows * sh, cols * sw, g.shape[3])
+    return dxp.transpose(2, 3, 0, 4, 1, 5).reshape(g.shape[0], rows * sh, cols * sw, g.shape[3])
+
+
+def _max_pool_slices_bwd(window, strides, pads, residuals, g):
+    """Each window's gradient goes to the input pixel its argmax names, in one elementwise
+    pass (_spread_by_phase; one broadcast select when the windows tile the input). Autodiff
+    of the forward makes a chain of selects and slice transposes instead, each its own pass
+    over memory."""
+    argmax, shape = residuals
+    (kh, kw), (oh, ow) = window, g.shape[1:3]
+    padded_hw = [n + lo + hi for n, (lo, hi) in zip(shape[1:3], pads)]
+    if (kh, kw) == tuple(strides):  # windows tile the input: no shifts
+        offsets = jnp.arange(kh * kw, dtype=argmax.dtype).reshape(1, 1, kh, 1, kw, 1)
+        dxp = jnp.where(argmax[:, :, None, :, None] == offsets, g[:, :, None, :, None], jnp.zeros((), g.dtype))
+        dxp = dxp.reshape(g.shape[0], oh * kh, ow * kw, g.shape[3])
+        dxp = jnp.pad(dxp, ((0, 0), (0, padded_hw[0] - oh * kh), (0, padded_hw[1] - ow * kw), (0, 0)))
+    else:
+        dxp = _spread_by_phase(argmax, g, window, strides, padded_hw)
+    (top, _), (left, _) = pads
     return (dxp[:, top:top + shape[1], left:left + shape[2]],)
 
 
