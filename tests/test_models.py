@@ -268,6 +268,34 @@ def test_hybrid_gradients_inside_scan(stride):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('shape,dtype,images', [
+    ((128, 32, 32, 64), jnp.float32, 8),     # ResNet-18 stage 1: 256 KiB an image
+    ((128, 16, 16, 128), jnp.float32, 16),
+    ((128, 8, 8, 256), jnp.float32, 32),     # capped at HYBRID_CONV_CHUNK
+    ((128, 32, 32, 64), jnp.bfloat16, 16),   # half the bytes, twice the images
+    ((4, 512, 512, 64), jnp.float32, 1),     # never fewer than one
+])
+def test_hybrid_slice_images(shape, dtype, images):
+    from cifar_flax.models.layers import _slice_images
+    assert _slice_images(jax.ShapeDtypeStruct(shape, dtype)) == images
+
+
+def test_hybrid_default_slices_by_bytes(monkeypatch):
+    """With a tiny HYBRID_SLICE_BYTES the default slicing cuts a batch of 3 into slices of 2 and 1
+    images, and must still match XLA's convolution and gradients."""
+    from cifar_flax.models import layers
+    x = jax.random.normal(jax.random.key(0), (3, 6, 6, 12))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 12, 5)) / 6
+    monkeypatch.setattr(layers, 'HYBRID_SLICE_BYTES', 2 * 6 * 6 * 12 * 4)
+    assert layers._slice_images(x) == 2
+
+    def value_and_grads(fn):
+        return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), 'SAME'))), (0, 1)))(x, kernel)
+
+    for got, want in zip(jax.tree.leaves(value_and_grads(conv_hybrid)), jax.tree.leaves(value_and_grads(conv_xla))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3, 4), (3, 9, 12, 5, 2), (1, 1, 3, 2, 2), (2, 2, 2, 4, 1)])
 def test_winograd_conv_matches_native(shape):
     n, h, w, cin, cout = shape

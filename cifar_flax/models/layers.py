@@ -213,6 +213,11 @@ def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SA
 # convolutions (and especially their kernel gradients) slow down superlinearly
 # above ~32 images (batch 128 in one call: 2-3x slower per image than 4 calls of 32).
 HYBRID_CONV_CHUNK = 32
+# ... and at most this many bytes of input: on the AVX2 EPYC machine, in lax.scan, ResNet-18's
+# 32x32x64 convolutions (256 KiB an image) ran 1.5x faster forward and backward on slices of
+# 8 images than of 32 (batch 32: 49 -> 30 ms, input gradient 46 -> 31), 16x16x128 ones
+# 1.15x faster on 16; maps of 8x8x256 and smaller, and AlexNet's 14x14x96, were flat.
+HYBRID_SLICE_BYTES = 2 * 2 ** 20
 # The hybrid impl's native kernel-gradient convolution (GoogLeNet's 5x5s: images become
 # the input features) runs fastest on slices of 16 images: 5x5 16x16x16 at batch 128, 1.9 ms per
 # kernel gradient against 3.5-4.2 ms on slices of 32 and 28 ms in one call.
@@ -373,6 +378,12 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     return jnp.einsum('ri,rsck,sj->ijck', gm, d_kernel_tiles.reshape(4, 4, *d_kernel_tiles.shape[1:]), gm)
 
 
+def _slice_images(x: jax.Array) -> int:
+    """Images per native-convolution slice of x: HYBRID_CONV_CHUNK, fewer for large maps."""
+    image_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+    return max(1, min(HYBRID_CONV_CHUNK, HYBRID_SLICE_BYTES // image_bytes))
+
+
 def _batch_slices(n: int, chunk: int):
     return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
@@ -430,7 +441,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
     images. 1x1 kernels and maps smaller than the kernel: one im2col/matmul (conv_gemm).
     Everything else: native convolutions on batch slices of at most ``chunk``
-    images, with a custom VJP whose input and kernel gradients are written as
+    images (default: HYBRID_CONV_CHUNK, fewer where a slice's input would pass
+    HYBRID_SLICE_BYTES), with a custom VJP whose input and kernel gradients are written as
     canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
     SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
@@ -440,7 +452,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     rewrite that does not happen inside while loops, where they fall to a naive
     loop nest 30-200x slower; train.fit's lax.scan over steps is such a loop.
     """
-    chunk = chunk or HYBRID_CONV_CHUNK
+    chunk = chunk or _slice_images(x)
     kh, kw = kernel.shape[:2]
     strides = _pair(strides)
     pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
