@@ -214,8 +214,8 @@ def conv_xla(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SA
 # above ~32 images (batch 128 in one call: 2-3x slower per image than 4 calls of 32).
 HYBRID_CONV_CHUNK = 32
 # ... and at most this many bytes of input: on the AVX2 EPYC machine, in lax.scan, ResNet-18's
-# 32x32x64 convolutions (256 KiB an image) ran 1.5x faster forward and backward on slices of
-# 8 images than of 32 (batch 32: 49 -> 30 ms, input gradient 46 -> 31), 16x16x128 ones
+# 32x32x64 convolutions (256 KiB an image) ran 1.5x faster forward and input-gradient on slices
+# of 8 images than of 32 (batch 32: 49 -> 30 ms, input gradient 46 -> 31), 16x16x128 ones
 # 1.15x faster on 16; maps of 8x8x256 and smaller, and AlexNet's 14x14x96, were flat.
 HYBRID_SLICE_BYTES = 2 * 2 ** 20
 # The hybrid impl's native kernel-gradient convolution (GoogLeNet's 5x5s: images become
@@ -375,7 +375,7 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
                   for a in range(4) for b in range(4)]
     # One (c x P) @ (P x k) matmul per tile position, each on its own transform's output:
     # stacking the 16 transforms for one batched matmul copies both (128 MiB each on ResNet-18's
-    # 32x32x64 layers at batch 128) and measured 1.2-1.3x slower there.
+    # 32x32x64 layers at batch 128) and measured 1.2x slower there, 1.3x on its 16x16x128 ones.
     d_kernel_tiles = jnp.stack([lax.dot_general(t, d, (((0,), (0,)), ((), ())))
                                 for t, d in zip(_winograd_tile_list(x), d_products)])  # (16, c, k)
     gm = np.asarray(WINOGRAD_G, np.float32)
