@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model
+from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model, layers
 from cifar_flax.models.layers import (WINOGRAD_MIN_SIZE, Conv, conv_gemm, conv_hybrid, conv_shifted_sum,
                                       conv_toeplitz, conv_winograd, conv_xla, max_pool, resolve_conv_impl,
-                                      toeplitz_block, winograd_kernel_grad_applies)
+                                      toeplitz_block, winograd_conv_applies,
+                                      winograd_kernel_grad_applies)
 
 # (trainable params, total size of batch_stats) of the reference Keras models.
 EXPECTED_COUNTS = {
@@ -171,6 +172,9 @@ CONV_CONFIGS = [
     (3, 2, 'SAME', 12, 16, 8),
     (5, 1, 'VALID', 12, 8, 9),
     (3, 1, 'VALID', 12, 16, 9),   # alexnet8 conv 2: Winograd kernel gradient of a VALID conv, odd size
+    # >= WINOGRAD_MIN_CHANNELS and WINOGRAD_MIN_PIXELS (batch 2): Winograd forward and input gradient too
+    (3, 1, 'SAME', 96, 128, 24),
+    (3, 1, 'VALID', 96, 96, 25),  # odd output size
     (3, 2, 'SAME', 8, 16, 7),
     (5, 1, 'SAME', 4, 8, 8),      # inception 5x5
 ]
@@ -276,14 +280,12 @@ def test_hybrid_gradients_inside_scan(stride):
     ((4, 512, 512, 64), jnp.float32, 1),     # never fewer than one
 ])
 def test_hybrid_slice_images(shape, dtype, images):
-    from cifar_flax.models.layers import _slice_images
-    assert _slice_images(jax.ShapeDtypeStruct(shape, dtype)) == images
+    assert layers._slice_images(jax.ShapeDtypeStruct(shape, dtype)) == images
 
 
 def test_hybrid_default_slices_by_bytes(monkeypatch):
     """With a tiny HYBRID_SLICE_BYTES the default slicing cuts a batch of 3 into slices of 2 and 1
     images, and must still match XLA's convolution and gradients."""
-    from cifar_flax.models import layers
     x = jax.random.normal(jax.random.key(0), (3, 6, 6, 12))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 12, 5)) / 6
     monkeypatch.setattr(layers, 'HYBRID_SLICE_BYTES', 2 * 6 * 6 * 12 * 4)
@@ -296,14 +298,17 @@ def test_hybrid_default_slices_by_bytes(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('shape', [(2, 8, 8, 3, 4), (3, 9, 12, 5, 2), (1, 1, 3, 2, 2), (2, 2, 2, 4, 1)])
-def test_winograd_conv_matches_native(shape):
+@pytest.mark.parametrize('shape,padding', [
+    ((2, 8, 8, 3, 4), 'SAME'), ((3, 9, 12, 5, 2), 'SAME'), ((1, 1, 3, 2, 2), 'SAME'), ((2, 2, 2, 4, 1), 'SAME'),
+    ((2, 8, 8, 3, 4), 'VALID'), ((3, 9, 12, 5, 2), 'VALID'), ((1, 3, 4, 2, 2), 'VALID'), ((2, 14, 14, 4, 3), 'VALID')])
+def test_winograd_conv_matches_native(shape, padding):
     n, h, w, cin, cout = shape
     kx, kk = jax.random.split(jax.random.key(h * w))
     x = jax.random.normal(kx, (n, h, w, cin))
     kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
-    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), (0, 1)))(x, kernel)
-    np.testing.assert_allclose(conv_winograd(x, kernel), conv_xla(x, kernel), rtol=1e-5, atol=1e-5)
+    conv = lambda fn: lambda x, k: fn(x, k, (1, 1), padding)
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv(fn)(x, k))), (0, 1)))(x, kernel)
+    np.testing.assert_allclose(conv(conv_winograd)(x, kernel), conv(conv_xla)(x, kernel), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(loss(conv_winograd)), jax.tree_util.tree_leaves(loss(conv_xla))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -363,13 +368,45 @@ def test_winograd_only_where_it_applies():
     assert not winograd_kernel_grad_applies((size, size), (3, 3), (2, 2), 'SAME')
     assert winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID')
     assert not winograd_kernel_grad_applies((size, size), (5, 5), (1, 1), 'SAME')
+    channels, pixels = layers.WINOGRAD_MIN_CHANNELS, layers.WINOGRAD_MIN_PIXELS
+    assert winograd_conv_applies((pixels // 16, 4, 4, channels), (3, 3, channels, channels), (1, 1), 'SAME')
+    assert winograd_conv_applies((pixels // 16, 6, 6, channels), (3, 3, channels, channels), (1, 1), 'VALID')
+    assert not winograd_conv_applies((pixels // 16 - 1, 4, 4, channels), (3, 3, channels, channels), (1, 1), 'SAME')
+    assert not winograd_conv_applies((pixels // 16, 4, 4, channels - 1), (3, 3, channels - 1, channels), (1, 1), 'SAME')
+    assert not winograd_conv_applies((pixels // 16, 4, 4, channels), (3, 3, channels, channels - 1), (1, 1), 'SAME')
+    assert not winograd_conv_applies((pixels // 16, 8, 8, channels), (3, 3, channels, channels), (2, 2), 'SAME')
+    assert not winograd_conv_applies((pixels // 16, 8, 8, channels), (5, 5, channels, channels), (1, 1), 'SAME')
 
 
-@pytest.mark.parametrize('stride', [1, 2])
+def test_hybrid_winograd_forward_bfloat16_as_accurate_as_native(monkeypatch):
+    """The Winograd forward and input gradient add transformed tiles; in bfloat16 they must not
+    lose much more than XLA's own bfloat16 convolution (both against float32)."""
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 32))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
+    assert winograd_conv_applies(x.shape, kernel.shape, (1, 1), 'SAME')
+
+    def out_and_input_grad(fn, dtype):
+        conv = lambda x: fn(x.astype(dtype), kernel.astype(dtype)).astype(jnp.float32)
+        return jax.jit(lambda x: (conv(x), jax.grad(lambda x: jnp.sum(jnp.sin(conv(x))))(x)))(x)
+
+    ref = out_and_input_grad(conv_xla, jnp.float32)
+    for ours, xla, want in zip(out_and_input_grad(conv_hybrid, jnp.bfloat16),
+                               out_and_input_grad(conv_xla, jnp.bfloat16), ref):
+        error = lambda got: float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        assert error(ours) < 2 * error(xla)
+
+
+@pytest.mark.parametrize('stride,winograd', [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
-def test_hybrid_conv_under_vmap(in_axes, stride):
+def test_hybrid_conv_under_vmap(in_axes, stride, winograd, monkeypatch):
     """Sweeps vmap the train step over members; the hybrid conv's own vmap rule (one
-    convolution per member, or folded into images/channels) must match jax's."""
+    convolution per member, or folded into images/channels) must match jax's, and so must its
+    Winograd forward and input gradient (matmuls, vmapped by jax)."""
+    if winograd:
+        monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
+        monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
     kx, kk = jax.random.split(jax.random.key(3))
     xs = jax.random.normal(kx, (3, 4, 9, 9, 12))  # > HYBRID_GEMM_MAX_CHANNELS: native path (stride 1: Winograd dk)
     kernels = jax.random.normal(kk, (3, 3, 3, 12, 5)) / 10

@@ -303,6 +303,14 @@ WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 # b128 355 -> 390 img/s, VGG16 b128 148 -> 154, ResNet-18 and batch 32 unchanged);
 # an older 2-core machine had measured 4x4 maps 6% slower at batch 32.
 WINOGRAD_MIN_SIZE = 4
+# Forward and input gradient through Winograd tiles (one matmul per tile position, no stacks) on
+# layers with at least this many input and output channels and output pixels per batch. In lax.scan on
+# the AVX2 EPYC, forward (input gradient) against native convs: 16x16x128 b32 24 -> 17 ms (25 -> 17),
+# 8x8x256 b128 108 -> 61 (108 -> 62), 4x4x512 b128 129 -> 76 (127 -> 85), b64 62 -> 50 (67 -> 62),
+# AlexNet's 14x14x96 VALID b128 97-113 -> 71-90. Slower: 4x4x512 b32 (512 pixels) 33 -> 46;
+# 5x5x384 b32 (800) 24 -> 31; 32x32x64 (64 channels) b128 93-102 -> 116-119.
+WINOGRAD_MIN_CHANNELS = 96
+WINOGRAD_MIN_PIXELS = 1024
 
 
 def _lincomb(coeffs, terms):
@@ -316,17 +324,24 @@ def _lincomb(coeffs, terms):
     return out
 
 
-def _winograd_grid(h: int, w: int) -> tuple[int, int]:
-    """Rows and columns of 2x2 output tiles that cover an h x w map."""
-    return -(-h // 2), -(-w // 2)
+def _winograd_out_hw(h: int, w: int, padding: str) -> tuple[int, int]:
+    return (h, w) if padding == 'SAME' else (h - 2, w - 2)
 
 
-def _winograd_tile_list(x: jax.Array) -> list[jax.Array]:
-    """(n, h, w, c) -> 16 arrays (n*th*tw, c): BT d B for every 4x4 tile d of the SAME-padded
+def _winograd_grid(h: int, w: int, padding: str = 'SAME') -> tuple[int, int]:
+    """Rows and columns of 2x2 output tiles that cover the output of a 3x3 stride-1 conv of an h x w map.
+    VALID gets its own grid, not SAME's cropped: AlexNet's 14x14 input has 6x6 tiles, not 7x7."""
+    oh, ow = _winograd_out_hw(h, w, padding)
+    return -(-oh // 2), -(-ow // 2)
+
+
+def _winograd_tile_list(x: jax.Array, padding: str = 'SAME') -> list[jax.Array]:
+    """(n, h, w, c) -> 16 arrays (n*th*tw, c): BT d B for every 4x4 tile d of the padded
     input, tiles at stride 2 (one per 2x2 output tile). The transform is separable: rows, then columns."""
     n, h, w, c = x.shape
-    th, tw = _winograd_grid(h, w)
-    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    th, tw = _winograd_grid(h, w, padding)
+    lo = 1 if padding == 'SAME' else 0
+    xp = jnp.pad(x, ((0, 0), (lo, 2 * th + 2 - h - lo), (lo, 2 * tw + 2 - w - lo), (0, 0)))
     blocks = xp.reshape(n, th + 1, 2, tw + 1, 2, c)   # padded row 2a+b is blocks[:, a, b]
     rows = [blocks[:, i // 2:i // 2 + th, i % 2] for i in range(4)]  # tile row i: (n, th, tw+1, 2, c)
     tiles = []
@@ -344,30 +359,37 @@ def _winograd_kernel_tiles(kernel: jax.Array) -> jax.Array:
 
 
 def conv_winograd(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
-    """3x3, stride-1, SAME NHWC convolution by Winograd F(2x2, 3x3): 16 batched matmuls
-    over all tiles plus add-only transforms. Reference for the 'hybrid' kernel gradient."""
-    if kernel.shape[:2] != (3, 3) or _pair(strides) != (1, 1) or padding.upper() != 'SAME':
-        raise ValueError('conv_winograd takes 3x3 kernels, stride 1, SAME padding only')
+    """3x3, stride-1, SAME or VALID NHWC convolution by Winograd F(2x2, 3x3): one (P x c) @ (c x k)
+    matmul per tile position over all P tiles, plus add-only transforms. The 'hybrid' impl's
+    forward and input gradient on wide layers (winograd_conv_applies); reference for its kernel gradient.
+    Computed in float32: in bfloat16 the tile transforms' roundings made it ~3.5x less accurate
+    than XLA's bfloat16 convolution."""
+    padding = padding.upper()
+    if kernel.shape[:2] != (3, 3) or _pair(strides) != (1, 1) or padding not in ('SAME', 'VALID'):
+        raise ValueError('conv_winograd takes 3x3 kernels, stride 1, SAME or VALID padding only')
+    out_dtype = x.dtype
+    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
     n, h, w, _ = x.shape
-    th, tw = _winograd_grid(h, w)
-    products = lax.dot_general(jnp.stack(_winograd_tile_list(x)), _winograd_kernel_tiles(kernel),
-                               (((2,), (1,)), ((0,), (0,))))  # (16, P, k)
-    products = products.reshape(4, 4, n, th, tw, -1)
-    half = [[_lincomb(WINOGRAD_AT[s], [products[r, j] for j in range(4)]) for s in range(2)] for r in range(4)]
+    th, tw = _winograd_grid(h, w, padding)
+    kernel_tiles = _winograd_kernel_tiles(kernel)
+    products = [(t @ kernel_tiles[i]).reshape(n, th, tw, -1) for i, t in enumerate(_winograd_tile_list(x, padding))]
+    half = [[_lincomb(WINOGRAD_AT[s], products[4 * r:4 * r + 4]) for s in range(2)] for r in range(4)]
     y = jnp.stack([jnp.stack([_lincomb(WINOGRAD_AT[r], [half[i][s] for i in range(4)]) for s in range(2)])
                    for r in range(2)])  # (2, 2, n, th, tw, k)
-    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, -1)[:, :h, :w]
+    oh, ow = _winograd_out_hw(h, w, padding)
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, -1)[:, :oh, :ow].astype(out_dtype)
 
 
-def _winograd_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-    """d(conv)/dkernel of a 3x3 stride-1 SAME convolution, transposing conv_winograd by hand:
+def _winograd_kernel_grad(x: jax.Array, g: jax.Array, padding: str = 'SAME') -> jax.Array:
+    """d(conv)/dkernel of a 3x3 stride-1 SAME or VALID convolution, transposing conv_winograd by hand:
     output-gradient tiles through A, one (c x P) @ (P x k) matmul per tile position, then G.
     About 2.25x fewer multiplies than the direct kernel gradient, and plain matmuls.
     Computed in float32: bfloat16 sums over the tiles lose ~3x more than the direct form."""
     x, g = x.astype(jnp.float32), g.astype(jnp.float32)
     n, h, w, _ = x.shape
-    th, tw = _winograd_grid(h, w)
-    gp = jnp.pad(g, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
+    th, tw = _winograd_grid(h, w, padding)
+    oh, ow = g.shape[1:3]
+    gp = jnp.pad(g, ((0, 0), (0, 2 * th - oh), (0, 2 * tw - ow), (0, 0)))
     g_tiles = gp.reshape(n, th, 2, tw, 2, -1)  # output tile (r, s) is g_tiles[:, :, r, :, s]
     at = np.asarray(WINOGRAD_AT).T  # at[a] = coefficients of the 2 outputs that product row a feeds
     rows = [_lincomb(at[a], [g_tiles[:, :, r] for r in range(2)]) for a in range(4)]  # (n, th, tw, 2, k)
@@ -377,9 +399,20 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     # stacking the 16 transforms for one batched matmul copies both (128 MiB each on ResNet-18's
     # 32x32x64 layers at batch 128) and measured 1.2x slower there, 1.3x on its 16x16x128 ones.
     d_kernel_tiles = jnp.stack([lax.dot_general(t, d, (((0,), (0,)), ((), ())))
-                                for t, d in zip(_winograd_tile_list(x), d_products)])  # (16, c, k)
+                                for t, d in zip(_winograd_tile_list(x, padding), d_products)])  # (16, c, k)
     gm = np.asarray(WINOGRAD_G, np.float32)
     return jnp.einsum('ri,rsck,sj->ijck', gm, d_kernel_tiles.reshape(4, 4, *d_kernel_tiles.shape[1:]), gm)
+
+
+def winograd_conv_applies(x_shape, kernel_shape, strides, padding: str) -> bool:
+    """Whether the 'hybrid' conv runs this layer's forward and input gradient through Winograd tiles:
+    3x3, stride 1, SAME or VALID, at least WINOGRAD_MIN_CHANNELS in and out (with fewer, the memory-bound
+    transforms outweigh the 2.25x fewer multiplies) and WINOGRAD_MIN_PIXELS output pixels a batch
+    (fewer make matmuls too small to run fast)."""
+    n, h, w, cin = x_shape
+    oh, ow = _winograd_out_hw(h, w, padding) if padding in ('SAME', 'VALID') else (0, 0)
+    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and padding in ('SAME', 'VALID')
+            and min(cin, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * oh * ow >= WINOGRAD_MIN_PIXELS)
 
 
 def _slice_images(x: jax.Array) -> int:
@@ -407,6 +440,8 @@ def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str) -> boo
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_canonical(x, kernel, strides, padding, chunk):
+    if winograd_conv_applies(x.shape, kernel.shape, strides, padding):
+        return conv_winograd(x, kernel, strides, padding)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     return _on_batch_slices(lambda part: _canonical_conv(part, kernel, strides, pads), x, chunk)
 
@@ -417,11 +452,16 @@ def _conv_canonical_fwd(x, kernel, strides, padding, chunk):
 
 def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
     x, kernel = residuals
-    dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
+    if winograd_conv_applies(x.shape, kernel.shape, strides, padding):
+        # d(conv)/dx of a stride-1 3x3 conv: a SAME conv of g with the flipped, in/out-swapped kernel,
+        # g padded by one more on each side for a VALID conv (its input is 2 larger than its output)
+        edge = 0 if padding == 'SAME' else 1
+        dx = conv_winograd(jnp.pad(g, ((0, 0), (edge, edge), (edge, edge), (0, 0))),
+                           jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), strides, 'SAME')
+    else:
+        dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
     if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
-        if padding == 'VALID':  # the SAME conv's gradient with zero gradient on the border outputs
-            g = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        dk = _winograd_kernel_grad(x, g)  # matmuls over all tiles: no need for batch slices
+        dk = _winograd_kernel_grad(x, g, padding)  # matmuls over all tiles: no need for batch slices
     elif strides != (1, 1):
         # im2col's kernel gradient (patches^T @ g): the native form transposes x to (C, H, W, N),
         # and XLA fuses x's producers (earlier layers' BatchNorm, adds, ReLU) into that transpose
@@ -451,6 +491,9 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
     costs several times its forward there; strided layers take im2col's kernel gradient.
+    Wide 3x3 stride-1 layers with enough output pixels (winograd_conv_applies: VGG16's and
+    ResNet-18's 128- to 512-channel stages, AlexNet's 3x3s at batch 128) also run their
+    forward and input gradient through Winograd tiles (conv_winograd).
     Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
     rewrite that does not happen inside while loops, where they fall to a naive
