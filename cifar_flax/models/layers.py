@@ -492,7 +492,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
     costs several times its forward there; strided layers take im2col's kernel gradient.
     Wide 3x3 stride-1 layers with enough output pixels (winograd_conv_applies: VGG16's and
-    ResNet-18's 128- to 512-channel stages, AlexNet's 3x3s at batch 128) also run their
+    ResNet-18's 128- to 512-channel stages, AlexNet's 3x3s, its 5x5-map ones at batch 128 only) also run their
     forward and input gradient through Winograd tiles (conv_winograd).
     Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
