@@ -277,8 +277,12 @@ def _conv_input_grad(g, kernel, in_shape, strides, padding):
     for n, k, s, (lo, _), o in zip(in_shape[1:3], (kh, kw), strides, pads, g.shape[1:3]):
         before = k - lo - 1
         grad_pads.append((before, n + k - 1 - ((o - 1) * s + 1) - before))
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    return _canonical_conv(g, flipped, (1, 1), grad_pads, lhs_dilation=strides)
+    return _canonical_conv(g, _input_grad_kernel(kernel), (1, 1), grad_pads, lhs_dilation=strides)
+
+
+def _input_grad_kernel(kernel):
+    """The kernel whose convolution with the output gradient gives d(conv)/dx: flipped, in/out swapped."""
+    return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
 
 
 def _conv_kernel_grad(x, g, kernel_hw, strides, padding):
@@ -409,10 +413,11 @@ def winograd_conv_applies(x_shape, kernel_shape, strides, padding: str) -> bool:
     3x3, stride 1, SAME or VALID, at least WINOGRAD_MIN_CHANNELS in and out (with fewer, the memory-bound
     transforms outweigh the 2.25x fewer multiplies) and WINOGRAD_MIN_PIXELS output pixels a batch
     (fewer make matmuls too small to run fast)."""
+    if tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1) or padding not in ('SAME', 'VALID'):
+        return False
     n, h, w, cin = x_shape
-    oh, ow = _winograd_out_hw(h, w, padding) if padding in ('SAME', 'VALID') else (0, 0)
-    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1) and padding in ('SAME', 'VALID')
-            and min(cin, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * oh * ow >= WINOGRAD_MIN_PIXELS)
+    oh, ow = _winograd_out_hw(h, w, padding)
+    return min(cin, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * oh * ow >= WINOGRAD_MIN_PIXELS
 
 
 def _slice_images(x: jax.Array) -> int:
@@ -453,11 +458,11 @@ def _conv_canonical_fwd(x, kernel, strides, padding, chunk):
 def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
     x, kernel = residuals
     if winograd_conv_applies(x.shape, kernel.shape, strides, padding):
-        # d(conv)/dx of a stride-1 3x3 conv: a SAME conv of g with the flipped, in/out-swapped kernel,
+        # d(conv)/dx of a stride-1 3x3 conv: a SAME conv of g with _input_grad_kernel,
         # g padded by one more on each side for a VALID conv (its input is 2 larger than its output)
         edge = 0 if padding == 'SAME' else 1
         dx = conv_winograd(jnp.pad(g, ((0, 0), (edge, edge), (edge, edge), (0, 0))),
-                           jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), strides, 'SAME')
+                           _input_grad_kernel(kernel), strides, 'SAME')
     else:
         dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
     if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
@@ -492,8 +497,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
     costs several times its forward there; strided layers take im2col's kernel gradient.
     Wide 3x3 stride-1 layers with enough output pixels (winograd_conv_applies: VGG16's and
-    ResNet-18's 128- to 512-channel stages, AlexNet's 3x3s, its 5x5-map ones at batch 128 only) also run their
-    forward and input gradient through Winograd tiles (conv_winograd).
+    ResNet-18's 128- to 512-channel stages, AlexNet's 3x3s, its 5x5-map ones at batch 128
+    only) also run their forward and input gradient through Winograd tiles (conv_winograd).
     Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
     rewrite that does not happen inside while loops, where they fall to a naive
