@@ -312,8 +312,11 @@ WINOGRAD_MIN_SIZE = 4
 # the AVX2 EPYC, forward (input gradient) against native convs: 16x16x128 b32 24 -> 17 ms (25 -> 17),
 # 8x8x256 b128 108 -> 61 (108 -> 62), 4x4x512 b128 129 -> 76 (127 -> 85), b64 62 -> 50 (67 -> 62),
 # AlexNet's 14x14x96 VALID b128 97-113 -> 71-90. Slower: 4x4x512 b32 (512 pixels) 33 -> 46;
-# 5x5x384 b32 (800) 24 -> 31; 32x32x64 (64 channels) b128 93-102 -> 116-119.
-WINOGRAD_MIN_CHANNELS = 96
+# 5x5x384 b32 (800) 24 -> 31. The 32x32x64 layers of ResNet-18 and VGG16 (64 channels): forward
+# b32 37-40 -> 33 ms (input gradient 35-39 -> 27-31), b128 96 -> 102 (98 -> 101), and whole
+# ResNet-18 steps faster at both batches (alternating A/B, median img/s: b32 21.1 -> 25.8, b128 19.7 -> 24.2),
+# VGG16 level or faster. Fewer channels lose: GoogLeNet's 16x16x16 and 8x8x32 b128 2.6-2.8 -> 3.7 ms.
+WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_PIXELS = 1024
 
 
@@ -497,7 +500,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
     costs several times its forward there; strided layers take im2col's kernel gradient.
     Wide 3x3 stride-1 layers with enough output pixels (winograd_conv_applies: VGG16's and
-    ResNet-18's 128- to 512-channel stages, AlexNet's 3x3s, its 5x5-map ones at batch 128
+    ResNet-18's 64- to 512-channel stages, AlexNet's 3x3s, its 5x5-map ones at batch 128
     only) also run their forward and input gradient through Winograd tiles (conv_winograd).
     Why canonical: XLA:CPU only runs non-canonical
     convolutions (the ones jax's own conv transpose rules emit) fast through a
