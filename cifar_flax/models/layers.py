@@ -331,6 +331,11 @@ def _lincomb(coeffs, terms):
     return out
 
 
+def _winograd_shape(kernel_hw, strides, padding: str) -> bool:
+    """Whether F(2x2, 3x3) computes this convolution: 3x3 kernel, stride 1, SAME or VALID padding."""
+    return tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1) and padding in ('SAME', 'VALID')
+
+
 def _winograd_out_hw(h: int, w: int, padding: str) -> tuple[int, int]:
     return (h, w) if padding == 'SAME' else (h - 2, w - 2)
 
@@ -372,7 +377,7 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     Computed in float32: in bfloat16 the tile transforms' roundings made it ~3.5x less accurate
     than XLA's bfloat16 convolution."""
     padding = padding.upper()
-    if kernel.shape[:2] != (3, 3) or _pair(strides) != (1, 1) or padding not in ('SAME', 'VALID'):
+    if not _winograd_shape(kernel.shape[:2], _pair(strides), padding):
         raise ValueError('conv_winograd takes 3x3 kernels, stride 1, SAME or VALID padding only')
     out_dtype = x.dtype
     x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
@@ -416,7 +421,7 @@ def winograd_conv_applies(x_shape, kernel_shape, strides, padding: str) -> bool:
     3x3, stride 1, SAME or VALID, at least WINOGRAD_MIN_CHANNELS in and out (with fewer, the memory-bound
     transforms outweigh the 2.25x fewer multiplies) and WINOGRAD_MIN_PIXELS output pixels a batch
     (fewer make matmuls too small to run fast)."""
-    if tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1) or padding not in ('SAME', 'VALID'):
+    if not _winograd_shape(kernel_shape[:2], strides, padding):
         return False
     n, h, w, cin = x_shape
     oh, ow = _winograd_out_hw(h, w, padding)
@@ -442,8 +447,7 @@ def _on_batch_slices(fn, x, chunk: int, *sliced):
 def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str) -> bool:
     """Whether the 'hybrid' conv takes this layer's kernel gradient through Winograd tiles:
     3x3, stride 1, SAME or VALID, on maps of at least WINOGRAD_MIN_SIZE."""
-    return (tuple(kernel_hw) == (3, 3) and tuple(strides) == (1, 1) and padding in ('SAME', 'VALID')
-            and min(in_hw) >= WINOGRAD_MIN_SIZE)
+    return _winograd_shape(kernel_hw, strides, padding) and min(in_hw) >= WINOGRAD_MIN_SIZE
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
