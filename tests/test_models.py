@@ -423,3 +423,22 @@ def test_hybrid_conv_under_vmap(in_axes, stride, winograd, monkeypatch):
     ref = value_and_grads(conv_xla)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('batched', [False, True])
+def test_materialize_is_an_identity_xla_cannot_fuse_through(batched):
+    """materialize(x) == x in value and gradient, alone and under vmap (sweeps); jitted, it
+    compiles to a conditional (the fusion barrier), also when vmapped (no select of both)."""
+    x = jax.random.normal(jax.random.key(0), (3, 2, 4, 4, 5) if batched else (2, 4, 4, 5))
+    w = jax.random.normal(jax.random.key(1), x.shape[-1:])
+    loss = lambda x: jnp.sum(jnp.sin(layers.materialize(jnp.maximum(x, 0)) * w))
+    ref_loss = lambda x: jnp.sum(jnp.sin(jnp.maximum(x, 0) * w))
+    value_and_grad = jax.value_and_grad(loss)
+    ref_value_and_grad = jax.value_and_grad(ref_loss)
+    if batched:
+        value_and_grad, ref_value_and_grad = jax.vmap(value_and_grad), jax.vmap(ref_value_and_grad)
+    ours, ref = jax.jit(value_and_grad)(x), jax.jit(ref_value_and_grad)(x)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    hlo = jax.jit(value_and_grad).lower(x).compile().as_text()
+    assert 'conditional(' in hlo

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Conv, batch_norm, dense, get_activation, global_avg_pool, max_pool
+from .layers import Conv, batch_norm, dense, get_activation, global_avg_pool, materialize, max_pool
 
 BN_MODES = ('batch', 'frozen')
 
@@ -52,7 +52,8 @@ class InceptionBlock(nn.Module):
         # identical outputs, 1/s^2 of the pooling work.
         pooled = max_pool(x, 3, s, padding=((1, 1), (1, 1)), impl=self.pool)
         b4 = cba(1)(pooled, train)
-        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
+        # written once: read by the next block's pool and 1x1 convs (see materialize)
+        return materialize(jnp.concatenate([b1, b2, b3, b4], axis=-1))
 
 
 class Inception10(nn.Module):

@@ -666,6 +666,46 @@ def dense(features: int, dtype: Any, name: str | None = None) -> nn.Dense:
                     kernel_init=default_kernel_init, name=name)
 
 
+@custom_batching.custom_vmap
+def _fusion_barrier(x: jax.Array) -> jax.Array:
+    # XLA:CPU drops lax.optimization_barrier before fusion; a conditional it cannot resolve
+    # at compile time stops fusion at its boundary. The branches must differ or XLA folds
+    # the cond; they agree unless x's first element is NaN, and then everything downstream
+    # is NaN anyway (the next BatchNorm's statistics).
+    first = x.reshape(-1)[0]
+    return lax.cond(first == first, lambda v: v, lambda v: v + first, x)
+
+
+@_fusion_barrier.def_vmap
+def _(axis_size, in_batched, x):
+    # vmap (sweep members) would turn a batched predicate into a select of both branches:
+    # put the barrier around the whole batched array instead.
+    return _fusion_barrier(x), in_batched[0]
+
+
+@jax.custom_vjp
+def materialize(x: jax.Array) -> jax.Array:
+    """Identity that XLA computes once and writes to memory.
+
+    XLA:CPU fuses a cheap producer into every fusion that reads it, so an Inception
+    block's output (four branches' BatchNorm + ReLU, concatenated) was recomputed by
+    each of its readers: the next block's padded max pool, its 1x1 convs' operand
+    and the pool's argmax. Written once, GoogLeNet's forward pad and concatenate
+    fusions fell from 24 to 11 ms a step at batch 128 (the step: 4-8% faster)."""
+    return _fusion_barrier(x)
+
+
+def _materialize_fwd(x):
+    return materialize(x), None
+
+
+def _materialize_bwd(_, g):
+    return (g,)
+
+
+materialize.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
 
