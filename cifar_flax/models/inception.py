@@ -52,8 +52,7 @@ class InceptionBlock(nn.Module):
         # identical outputs, 1/s^2 of the pooling work.
         pooled = max_pool(x, 3, s, padding=((1, 1), (1, 1)), impl=self.pool)
         b4 = cba(1)(pooled, train)
-        # written once: read by the next block's pool and 1x1 convs (see materialize)
-        return materialize(jnp.concatenate([b1, b2, b3, b4], axis=-1))
+        return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
 
 class Inception10(nn.Module):
@@ -71,8 +70,14 @@ class Inception10(nn.Module):
         frozen = self.bn == 'frozen'
         x = x.astype(self.dtype)
         x = ConvBNAct(16, 3, 1, self.activation, self.dtype, self.conv, frozen)(x, train)
-        for features, strides in ((16, 2), (16, 1), (32, 2), (32, 1)):
+        blocks = ((16, 2), (16, 1), (32, 2), (32, 1))
+        for i, (features, strides) in enumerate(blocks):
             x = InceptionBlock(features, strides, self.activation, self.dtype, self.conv,
                                self.pool, frozen)(x, train)
+            if i + 1 < len(blocks):
+                # the next block reads x in three fusions (its pool, its 1x1 convs' operand,
+                # the pool's argmax): written once instead of recomputed in each (materialize);
+                # the last block's output has one reader, the global pooling
+                x = materialize(x)
         x = global_avg_pool(x)
         return dense(self.num_classes, self.dtype)(x).astype(jnp.float32)
