@@ -441,4 +441,17 @@ def test_materialize_is_an_identity_xla_cannot_fuse_through(batched):
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     hlo = jax.jit(value_and_grad).lower(x).compile().as_text()
-    assert 'conditional(' in hlo
+    assert hlo.count(' conditional(') == 1  # the forward only: this gradient is small
+
+
+def test_materialize_writes_large_gradients_once_too(monkeypatch):
+    """Gradients of at least MATERIALIZE_GRAD_BYTES go through the barrier on the way back
+    as well: a second conditional, same values."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 5))
+    loss = lambda x: jnp.sum(jnp.sin(layers.materialize(jnp.maximum(x, 0)) * 2.0))
+    small = jax.jit(jax.grad(loss)).lower(x).compile()
+    monkeypatch.setattr(layers, 'MATERIALIZE_GRAD_BYTES', x.size * x.dtype.itemsize)
+    large = jax.jit(jax.grad(loss)).lower(x).compile()
+    assert small.as_text().count(' conditional(') == 1
+    assert large.as_text().count(' conditional(') == 2
+    np.testing.assert_allclose(large(x), small(x), rtol=1e-6, atol=1e-6)

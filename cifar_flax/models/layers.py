@@ -690,7 +690,8 @@ def materialize(x: jax.Array) -> jax.Array:
     block's output (four branches' BatchNorm + ReLU, concatenated) was recomputed by
     each of its readers: the next block's padded max pool, its 1x1 convs' operand
     and the pool's argmax. Written once, GoogLeNet's forward pad and concatenate
-    fusions fell from 24 to 11 ms a step at batch 128 (the step: 4-8% faster).
+    fusions fell from 24 to 11 ms a step at batch 128 (the step: 4-8% faster). Gradients
+    of MATERIALIZE_GRAD_BYTES and more are written once too (_materialized_bwd).
     Measured on the CPU only; on a GPU a conditional's predicate would sync with the host.
     """
     if jax.default_backend() != 'cpu':
@@ -707,7 +708,18 @@ def _materialized_fwd(x):
     return _materialized(x), None
 
 
+# Gradients at least this large also go through the barrier on the way back (below it the
+# recomputation runs in cache and the extra conditional cost more than it saved).
+MATERIALIZE_GRAD_BYTES = 4 * 2 ** 20
+
+
 def _materialized_bwd(_, g):
+    # The gradient reaching a block's output is a sum over its readers (the next block's
+    # three 1x1 convs' input gradients and its pool's backward), which XLA otherwise
+    # recomputes in every fusion that reads it: each branch's BatchNorm reductions and its
+    # ReLU/BatchNorm backward.
+    if g.size * g.dtype.itemsize >= MATERIALIZE_GRAD_BYTES:
+        g = _fusion_barrier(g)
     return (g,)
 
 
