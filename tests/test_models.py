@@ -444,6 +444,12 @@ def test_materialize_is_an_identity_xla_cannot_fuse_through(batched):
     assert hlo.count(' conditional(') == 1  # the forward only: this gradient is small
 
 
+def test_materialize_rejects_integer_arrays():
+    # XLA folds the barrier's predicate (x == x) on integers: it would silently do nothing
+    with pytest.raises(TypeError, match='floating-point'):
+        layers.materialize(jnp.zeros((2, 3), jnp.int8))
+
+
 def test_materialize_writes_large_gradients_once_too(monkeypatch):
     """Gradients of at least MATERIALIZE_GRAD_BYTES go through the barrier on the way back
     as well: a second conditional, same values."""
