@@ -126,6 +126,23 @@ def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float
     return 2 * size ** 3 * rate / 1e9
 
 
+def bench_model(model: str, batch: int, *, dtype: str = 'float32', conv: str = 'auto',
+                pool: str = 'auto', data: str | None = None):
+    """(config, network) benchmarked: the seed protocol's Adam, with BatchNorm in training
+    mode for every network, as the performance issue and tools/peer_bench.py measure the
+    peers; not the seed protocol's frozen-BatchNorm GoogLeNet, whose BatchNorms are
+    per-channel affine maps (no batch statistics, a cheaper backward)."""
+    from cifar_flax.config import make_config
+    from cifar_flax.models import get_model
+    config = make_config(model, 'seed', batch_size=batch, dtype=dtype, data=data or '', bn='batch')
+    net = get_model(config.network, dtype=dtype, conv=conv, pool=pool, **_bn_option(config))
+    return config, net
+
+
+def _bn_option(config) -> dict:
+    return {'bn': config.bn} if config.network == 'inception10' else {}
+
+
 def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,
               windows: int = 5, warmup: int = 2,
               dtype: str = 'float32', conv: str = 'auto', pool: str = 'auto', devices: int = 1,
@@ -139,8 +156,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from cifar_flax import data as data_lib, train
-    from cifar_flax.config import make_config
-    from cifar_flax.models import canonical_name, count_params, get_model
+    from cifar_flax.models import canonical_name, count_params
     from cifar_flax.models.layers import resolve_conv_impl
 
     if mode not in MODES:
@@ -148,9 +164,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     name = canonical_name(model)
     if len(jax.devices()) < devices:
         raise ValueError(f'{devices} devices requested, {len(jax.devices())} available')
-    config = make_config(name, 'seed', batch_size=batch, dtype=dtype, data=data or '')
-    net_options = {'bn': config.bn} if name == 'inception10' else {}
-    net = get_model(name, dtype=dtype, conv=conv, pool=pool, **net_options)
+    config, net = bench_model(name, batch, dtype=dtype, conv=conv, pool=pool, data=data)
 
     if dataset is None:
         dataset = data_lib.load_cifar10(data)
@@ -217,7 +231,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     train_rate, train_cores = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window,
                                            windows)
 
-    train_flops, eval_flops = model_flops(name, config, tx, batch, net_options)
+    train_flops, eval_flops = model_flops(name, config, tx, batch, _bn_option(config))
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
               'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,

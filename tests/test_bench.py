@@ -41,6 +41,21 @@ def test_run_bench_scan_mode_and_alias():
     assert record['train_img_s'] > 0 and record['eval_img_s'] is None
 
 
+def test_bench_trains_googlenet_batchnorm_in_training_mode():
+    # The peers (tools/peer_bench.py) train every BatchNorm in training mode; the seed
+    # protocol's GoogLeNet freezes them, which the benchmark must not inherit.
+    import jax
+    import jax.numpy as jnp
+    from cifar_flax import train
+    config, net = bench.bench_model('googlenet', 4)
+    tx = train.make_optimizer(config, steps_per_epoch=1)
+    state = train.create_train_state(config, net, tx)
+    images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+    new_state, _ = jax.jit(train.make_train_step(net, tx, config))(state, (images, jnp.arange(4)))
+    before, after = (jax.tree_util.tree_leaves(s.batch_stats) for s in (state, new_state))
+    assert all(not np.allclose(a, b) for a, b in zip(before, after))
+
+
 def test_cli_prints_one_json_line(tmp_path):
     write_binary_cifar(tmp_path)
     env = {**os.environ, 'CIFAR_FLAX_CACHE': str(tmp_path / 'cache')}
