@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model, layers
 from cifar_flax.models.layers import (WINOGRAD_MIN_SIZE, Conv, conv_gemm, conv_hybrid, conv_shifted_sum,
@@ -201,11 +202,68 @@ def test_conv_impls_agree(k, s, padding, cin, cout, size):
 
 
 def test_conv_module_param_layout_matches_nn_conv():
-    from flax import linen as nn
     x = jnp.ones((1, 8, 8, 3))
     ours = jax.eval_shape(lambda: Conv(5, 3, impl='gemm').init(jax.random.key(0), x))
     ref = jax.eval_shape(lambda: nn.Conv(5, (3, 3)).init(jax.random.key(0), x))
     assert jax.tree_util.tree_map(lambda a: a.shape, ours) == jax.tree_util.tree_map(lambda a: a.shape, ref)
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax(train, dtype):
+    x = (3 * jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) + 2).astype(dtype)
+    ours = layers.batch_norm(train, dtype)
+    ref = nn.BatchNorm(use_running_average=not train, momentum=layers.BN_MOMENTUM, epsilon=layers.BN_EPSILON,
+                       dtype=dtype, param_dtype=jnp.float32)
+    variables = ref.init(jax.random.key(1), x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables)
+    assert jax.tree_util.tree_structure(ours.init(jax.random.key(1), x)) == jax.tree_util.tree_structure(variables)
+
+    def run(module, params, x):
+        y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, updates)
+    grad = jax.jit(jax.grad(run, argnums=(1, 2), has_aux=True), static_argnums=0)
+    (ours_grads, (ours_y, ours_stats)), (ref_grads, (ref_y, ref_stats)) = (
+        grad(m, variables['params'], x) for m in (ours, ref))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(*(jax.tree_util.tree_leaves(t) for t in ((ours_y, ours_stats, ours_grads),
+                                                              (ref_y, ref_stats, ref_grads)))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('train,frozen', [(True, False), (False, False), (True, True)])
+def test_conv_batch_norm_is_batch_norm_of_the_biased_conv(train, frozen):
+    class Reference(nn.Module):  # the conv's output with its bias, then BatchNorm
+        @nn.compact
+        def __call__(self, x):
+            return layers.batch_norm(train, jnp.float32, frozen=frozen)(Conv(4, 3, name='Conv_0')(x))
+
+    class Folded(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return layers.conv_batch_norm(Conv(4, 3, name='Conv_0'), layers.batch_norm(train, jnp.float32, frozen=frozen), x)
+
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    variables = Reference().init(jax.random.key(1), x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(jax.random.key(2), v.shape), variables)
+
+    def run(module, params):
+        y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y)), (y, updates)
+    grad = jax.jit(jax.grad(run, argnums=1, has_aux=True), static_argnums=0)
+    (folded_grads, folded_out), (ref_grads, ref_out) = (grad(m, variables['params']) for m in (Folded(), Reference()))
+    for a, b in zip(jax.tree_util.tree_leaves(folded_out), jax.tree_util.tree_leaves(ref_out)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    bias_grad = folded_grads['Conv_0'].pop('bias')
+    ref_bias_grad = ref_grads['Conv_0'].pop('bias')
+    if train and not frozen:  # the batch mean cancels the bias: its gradient is exactly zero
+        np.testing.assert_array_equal(bias_grad, 0)
+        np.testing.assert_allclose(ref_bias_grad, 0, atol=1e-4)  # rounding errors
+    else:
+        assert float(jnp.abs(bias_grad).max()) > 1e-3
+        np.testing.assert_allclose(bias_grad, ref_bias_grad, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(folded_grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -422,6 +480,25 @@ def test_hybrid_conv_under_vmap(in_axes, stride, winograd, monkeypatch):
     ours = value_and_grads(functools.partial(conv_hybrid, chunk=2))
     ref = value_and_grads(conv_xla)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
+def test_pointwise_conv_gradients_under_vmap(in_axes, stride):
+    """1x1 convs take their kernel gradient as g^T @ x on the CPU (_pointwise_matmul)."""
+    kx, kk = jax.random.split(jax.random.key(4))
+    xs = jax.random.normal(kx, (3, 4, 9, 9, 12))
+    kernels = jax.random.normal(kk, (3, 1, 1, 12, 5)) / 3
+    x_arg = xs if in_axes[0] == 0 else xs[0]
+    k_arg = kernels if in_axes[1] == 0 else kernels[0]
+
+    def value_and_grads(fn):
+        def member(x, k):
+            return jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k, (stride, stride), 'SAME'))), (0, 1))(x, k)
+        return jax.jit(jax.vmap(member, in_axes=in_axes))(x_arg, k_arg)
+
+    for a, b in zip(*(jax.tree_util.tree_leaves(value_and_grads(fn)) for fn in (conv_hybrid, conv_xla))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Conv, batch_norm, dense, flatten, get_activation, max_pool
+from .layers import Conv, batch_norm, conv_batch_norm, dense, flatten, get_activation, max_pool
 
 
 class AlexNet8(nn.Module):
@@ -22,8 +22,8 @@ class AlexNet8(nn.Module):
         act = get_activation(self.activation)
         x = x.astype(self.dtype)
         for features in (96, 256):
-            x = Conv(features, 3, padding='VALID', dtype=self.dtype, impl=self.conv)(x)
-            x = act(batch_norm(train, self.dtype)(x))
+            conv = Conv(features, 3, padding='VALID', dtype=self.dtype, impl=self.conv)
+            x = act(conv_batch_norm(conv, batch_norm(train, self.dtype), x))
             x = max_pool(x, 3, 2, impl=self.pool)
         for features in (384, 384, 256):
             x = act(Conv(features, 3, padding='SAME', dtype=self.dtype, impl=self.conv)(x))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Conv, batch_norm, dense, get_activation, global_avg_pool, materialize, max_pool
+from .layers import Conv, batch_norm, conv_batch_norm, dense, get_activation, global_avg_pool, materialize, max_pool
 
 BN_MODES = ('batch', 'frozen')
 
@@ -23,9 +23,9 @@ class ConvBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv(self.features, self.kernel_size, self.strides, padding='SAME',
-                 dtype=self.dtype, impl=self.conv)(x)
-        x = batch_norm(train, self.dtype, frozen=self.frozen_bn)(x)
+        conv = Conv(self.features, self.kernel_size, self.strides, padding='SAME',
+                    dtype=self.dtype, impl=self.conv)
+        x = conv_batch_norm(conv, batch_norm(train, self.dtype, frozen=self.frozen_bn), x)
         return get_activation(self.activation)(x)
 
 

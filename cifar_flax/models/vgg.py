@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Conv, batch_norm, dense, flatten, get_activation, max_pool
+from .layers import Conv, batch_norm, conv_batch_norm, dense, flatten, get_activation, max_pool
 
 VGG16_GROUPS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
@@ -25,8 +25,8 @@ class VGG16(nn.Module):
         x = x.astype(self.dtype)
         for group in VGG16_GROUPS:
             for features in group:
-                x = Conv(features, 3, padding='SAME', dtype=self.dtype, impl=self.conv)(x)
-                x = act(batch_norm(train, self.dtype)(x))
+                conv = Conv(features, 3, padding='SAME', dtype=self.dtype, impl=self.conv)
+                x = act(conv_batch_norm(conv, batch_norm(train, self.dtype), x))
             x = max_pool(x, 2, 2, padding='SAME', impl=self.pool)
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = flatten(x)
