@@ -144,8 +144,7 @@ def conv_gemm(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'S
 
 @jax.custom_vjp
 def _pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w over x's last axis (a 1x1 convolution), whose kernel gradient XLA:CPU reads the
-    output gradient for in place.
+    """x @ w over x's last axis (a 1x1 convolution), its kernel gradient taken as g^T @ x.
 
     Autodiff's kernel gradient x^T @ g made XLA:CPU write g (or the fusion producing it, a
     BatchNorm backward) a second time, transposed, for its matmul (GoogLeNet at batch 128:
