@@ -96,7 +96,7 @@ def _flops(lowered) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def model_flops(name: str, config, tx, batch: int, net_options: dict) -> tuple[float | None, float | None]:
+def model_flops(name: str, config, tx, batch: int) -> tuple[float | None, float | None]:
     """(train step, forward pass) FLOPs per image of network ``name``, counted on the
     lowered (unoptimised, not compiled) programs of the plain-XLA-convolution variant."""
     import jax
@@ -104,7 +104,7 @@ def model_flops(name: str, config, tx, batch: int, net_options: dict) -> tuple[f
 
     from cifar_flax import train
     from cifar_flax.models import get_model
-    net = get_model(name, dtype=config.dtype, conv='xla', pool='xla', **net_options)
+    net = get_model(name, **{**config.model_options(), 'conv': 'xla'}, pool='xla')
     state = jax.eval_shape(lambda: train.create_train_state(config, net, tx))
     images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.dtype(config.dtype))
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -134,13 +134,8 @@ def bench_model(model: str, batch: int, *, dtype: str = 'float32', conv: str = '
     per-channel affine maps (no batch statistics, a cheaper backward)."""
     from cifar_flax.config import make_config
     from cifar_flax.models import get_model
-    config = make_config(model, 'seed', batch_size=batch, dtype=dtype, data=data or '', bn='batch')
-    net = get_model(config.network, dtype=dtype, conv=conv, pool=pool, **_bn_option(config))
-    return config, net
-
-
-def _bn_option(config) -> dict:
-    return {'bn': config.bn} if config.network == 'inception10' else {}
+    config = make_config(model, 'seed', batch_size=batch, dtype=dtype, conv=conv, data=data or '', bn='batch')
+    return config, get_model(config.network, pool=pool, **config.model_options())
 
 
 def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,
@@ -231,7 +226,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     train_rate, train_cores = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window,
                                            windows)
 
-    train_flops, eval_flops = model_flops(name, config, tx, batch, _bn_option(config))
+    train_flops, eval_flops = model_flops(name, config, tx, batch)
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
               'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,
