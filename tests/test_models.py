@@ -456,9 +456,10 @@ def test_hybrid_winograd_forward_bfloat16_as_accurate_as_native(monkeypatch):
         assert error(ours) < 2 * error(xla)
 
 
-@pytest.mark.parametrize('stride,winograd', [(1, False), (2, False), (1, True)])
+# 1x1 kernels: the kernel gradient as g^T @ x on the CPU (_pointwise_matmul)
+@pytest.mark.parametrize('k,stride,winograd', [(3, 1, False), (3, 2, False), (3, 1, True), (1, 1, False), (1, 2, False)])
 @pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
-def test_hybrid_conv_under_vmap(in_axes, stride, winograd, monkeypatch):
+def test_hybrid_conv_under_vmap(in_axes, k, stride, winograd, monkeypatch):
     """Sweeps vmap the train step over members; the hybrid conv's own vmap rule (one
     convolution per member, or folded into images/channels) must match jax's, and so must its
     Winograd forward and input gradient (matmuls, vmapped by jax)."""
@@ -467,7 +468,7 @@ def test_hybrid_conv_under_vmap(in_axes, stride, winograd, monkeypatch):
         monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
     kx, kk = jax.random.split(jax.random.key(3))
     xs = jax.random.normal(kx, (3, 4, 9, 9, 12))  # > HYBRID_GEMM_MAX_CHANNELS: native path (stride 1: Winograd dk)
-    kernels = jax.random.normal(kk, (3, 3, 3, 12, 5)) / 10
+    kernels = jax.random.normal(kk, (3, k, k, 12, 5)) / 10
     x_arg = xs if in_axes[0] == 0 else xs[0]
     k_arg = kernels if in_axes[1] == 0 else kernels[0]
 
@@ -480,25 +481,6 @@ def test_hybrid_conv_under_vmap(in_axes, stride, winograd, monkeypatch):
     ours = value_and_grads(functools.partial(conv_hybrid, chunk=2))
     ref = value_and_grads(conv_xla)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize('stride', [1, 2])
-@pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
-def test_pointwise_conv_gradients_under_vmap(in_axes, stride):
-    """1x1 convs take their kernel gradient as g^T @ x on the CPU (_pointwise_matmul)."""
-    kx, kk = jax.random.split(jax.random.key(4))
-    xs = jax.random.normal(kx, (3, 4, 9, 9, 12))
-    kernels = jax.random.normal(kk, (3, 1, 1, 12, 5)) / 3
-    x_arg = xs if in_axes[0] == 0 else xs[0]
-    k_arg = kernels if in_axes[1] == 0 else kernels[0]
-
-    def value_and_grads(fn):
-        def member(x, k):
-            return jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k, (stride, stride), 'SAME'))), (0, 1))(x, k)
-        return jax.jit(jax.vmap(member, in_axes=in_axes))(x_arg, k_arg)
-
-    for a, b in zip(*(jax.tree_util.tree_leaves(value_and_grads(fn)) for fn in (conv_hybrid, conv_xla))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
