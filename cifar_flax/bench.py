@@ -96,15 +96,15 @@ def _flops(lowered) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def model_flops(name: str, config, tx, batch: int) -> tuple[float | None, float | None]:
-    """(train step, forward pass) FLOPs per image of network ``name``, counted on the
+def model_flops(config, tx, batch: int) -> tuple[float | None, float | None]:
+    """(train step, forward pass) FLOPs per image of ``config``'s network, counted on the
     lowered (unoptimised, not compiled) programs of the plain-XLA-convolution variant."""
     import jax
     import jax.numpy as jnp
 
     from cifar_flax import train
     from cifar_flax.models import get_model
-    net = get_model(name, **{**config.model_options(), 'conv': 'xla'}, pool='xla')
+    net = get_model(config.network, **{**config.model_options(), 'conv': 'xla'}, pool='xla')
     state = jax.eval_shape(lambda: train.create_train_state(config, net, tx))
     images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.dtype(config.dtype))
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -226,7 +226,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     train_rate, train_cores = _median_rate(lambda: run_train(1 if mode == 'scan' else steps), items_per_window,
                                            windows)
 
-    train_flops, eval_flops = model_flops(name, config, tx, batch)
+    train_flops, eval_flops = model_flops(config, tx, batch)
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
               'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,
