@@ -303,6 +303,18 @@ def test_max_pool_impls_agree(window, stride, padding, size, ties):
     np.testing.assert_allclose(g, rg, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the fusion barriers are CPU-only')
+@pytest.mark.parametrize('window,stride,barriers', [(2, 2, 2), (3, 2, 0)])
+def test_tiling_max_pool_backward_reads_argmax_and_gradient_written_once(window, stride, barriers):
+    """Where windows tile the input, the 'slices' pool writes its argmax in the forward and
+    its incoming gradient before spreading it: two fusion barriers (conditionals) in the
+    compiled gradient. Without them XLA:CPU recomputed both once per window pixel (LeNet-5's
+    first pool). Overlapping windows keep none."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    loss = lambda x: jnp.sum(jnp.sin(max_pool(jnp.sin(x), window, stride, impl='slices')))
+    assert jax.jit(jax.grad(loss)).lower(x).compile().as_text().count(' conditional(') == barriers
+
+
 @pytest.mark.parametrize('impl', ['slices', 'xla'])
 @pytest.mark.parametrize('size', [8, 7])
 def test_strided_pool_is_subsampled_same_pool(impl, size):

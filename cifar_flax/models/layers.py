@@ -615,7 +615,16 @@ def _max_pool_slices(x, window, strides, pads):
 
 def _max_pool_slices_fwd(x, window, strides, pads):
     pooled, argmax = _max_pool_forward(x, window, strides, pads)
+    if _windows_tile(window, strides):
+        # Written once (as a float: materialize needs one): otherwise XLA:CPU recomputed the
+        # argmax, every view and comparison of the forward, in the backward's broadcast
+        # select once per pixel of each window.
+        argmax = materialize(argmax.astype(jnp.float32))
     return pooled, (argmax, x.shape)
+
+
+def _windows_tile(window, strides) -> bool:
+    return tuple(window) == tuple(strides)
 
 
 def _spread_by_phase(argmax, g, window, strides, padded_hw):
@@ -652,7 +661,12 @@ def _max_pool_slices_bwd(window, strides, pads, residuals, g):
     argmax, shape = residuals
     (kh, kw), (oh, ow) = window, g.shape[1:3]
     padded_hw = [n + lo + hi for n, (lo, hi) in zip(shape[1:3], pads)]
-    if (kh, kw) == tuple(strides):  # windows tile the input: no shifts
+    if _windows_tile(window, strides):  # no shifts
+        # Likewise the pooled gradient: LeNet-5's is the second conv's input gradient, ten
+        # padded slices of its matmul's output, which XLA had summed again for every pixel
+        # of a window. (Overlapping windows, GoogLeNet's and AlexNet's 3x3s, measured no
+        # faster with either barrier.)
+        g = materialize(g)
         offsets = jnp.arange(kh * kw, dtype=argmax.dtype).reshape(1, 1, kh, 1, kw, 1)
         dxp = jnp.where(argmax[:, :, None, :, None] == offsets, g[:, :, None, :, None], jnp.zeros((), g.dtype))
         dxp = dxp.reshape(g.shape[0], oh * kh, ow * kw, g.shape[3])
@@ -672,7 +686,7 @@ def max_pool(x: jax.Array, window: int, strides: int, padding: str | Sequence[tu
     columns) count as -inf, as in Keras.
 
     impl 'slices': max over the window's strided views, keeping the index of the first
-    maximum (int8) for a one-pass backward (_max_pool_slices_bwd). XLA:CPU runs
+    maximum for a one-pass backward (_max_pool_slices_bwd). XLA:CPU runs
     reduce_window's backward (select_and_scatter) several times slower.
     """
     window, strides = _pair(window), _pair(strides)
