@@ -515,6 +515,15 @@ def test_materialize_is_an_identity_xla_cannot_fuse_through(batched):
     assert hlo.count(' conditional(') == 1  # the forward only: this gradient is small
 
 
+def test_materialize_under_vmap_keeps_a_nan_member_to_itself():
+    """The vmapped barrier predicates on the batched array's first element; a NaN there
+    (one diverging sweep member) must not reach the other members."""
+    x = jnp.stack([jnp.full((4, 4), jnp.nan), jnp.arange(16.0).reshape(4, 4)])
+    y = jax.jit(jax.vmap(layers.materialize))(x)
+    assert np.isnan(y[0]).all()
+    np.testing.assert_array_equal(y[1], x[1])
+
+
 def test_materialize_rejects_integer_arrays():
     # XLA folds the barrier's predicate (x == x) on integers: it would silently do nothing
     with pytest.raises(TypeError, match='floating-point'):

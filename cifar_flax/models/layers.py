@@ -755,10 +755,11 @@ def dense(features: int, dtype: Any, name: str | None = None) -> nn.Dense:
 def _fusion_barrier(x: jax.Array) -> jax.Array:
     # XLA:CPU drops lax.optimization_barrier before fusion; a conditional it cannot resolve
     # at compile time stops fusion at its boundary. The branches must differ or XLA folds
-    # the cond; they agree unless x's first element is NaN, and then everything downstream
-    # is NaN anyway (the next BatchNorm's statistics).
+    # the cond; the second runs only when x's first element is NaN, and then adds
+    # nan_to_num(NaN) = 0: x is returned as it is either way. (It had added the NaN, which
+    # under vmap spread one diverging sweep member's NaN to all the others.)
     first = x.reshape(-1)[0]
-    return lax.cond(first == first, lambda v: v, lambda v: v + first, x)
+    return lax.cond(first == first, lambda v: v, lambda v: v + jnp.nan_to_num(first), x)
 
 
 @_fusion_barrier.def_vmap
