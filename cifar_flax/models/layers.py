@@ -665,7 +665,7 @@ def _max_pool_slices_bwd(window, strides, pads, residuals, g):
         # Likewise the pooled gradient: LeNet-5's is the second conv's input gradient, ten
         # padded slices of its matmul's output, which XLA had summed again for every pixel
         # of a window. (Overlapping windows, GoogLeNet's and AlexNet's 3x3s, measured no
-        # faster with either barrier.)
+        # faster with both barriers; each alone was not measured there.)
         g = materialize(g)
         offsets = jnp.arange(kh * kw, dtype=argmax.dtype).reshape(1, 1, kh, 1, kw, 1)
         dxp = jnp.where(argmax[:, :, None, :, None] == offsets, g[:, :, None, :, None], jnp.zeros((), g.dtype))
