@@ -178,6 +178,7 @@ CONV_CONFIGS = [
     (3, 1, 'VALID', 96, 96, 25),  # odd output size
     (3, 2, 'SAME', 8, 16, 7),
     (5, 1, 'SAME', 4, 8, 8),      # inception 5x5
+    (5, 1, 'SAME', 32, 8, 9),     # inception 5x5 of >= WINOGRAD_TILES_MIN_CHANNELS: Winograd F(4x4, 5x5), odd size
 ]
 
 
@@ -448,6 +449,69 @@ def test_winograd_only_where_it_applies():
     assert not winograd_conv_applies((pixels // 16, 8, 8, channels), (5, 5, channels, channels), (1, 1), 'SAME')
 
 
+@pytest.mark.parametrize('tile,size', [(2, 3), (4, 3), (2, 5), (4, 5)])
+def test_winograd_matrices_compute_the_correlation(tile, size):
+    at, g, bt = layers.winograd_matrices(tile, size)
+    assert at.shape == (tile, tile + size - 1) and g.shape == (tile + size - 1, size) and bt.shape == (tile + size - 1,) * 2
+    rng = np.random.default_rng(tile * size)
+    for _ in range(3):
+        d, f = rng.normal(size=tile + size - 1), rng.normal(size=size)
+        want = np.array([d[i:i + size] @ f for i in range(tile)])
+        np.testing.assert_allclose(at @ ((g @ f) * (bt @ d)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 12, 8), (3, 7, 9, 10, 4), (1, 3, 2, 9, 3), (2, 16, 16, 16, 16)])
+@pytest.mark.parametrize('tile', [4, 2])
+def test_winograd_tiles_conv_matches_native(shape, tile):
+    """F(tile x tile, 5x5): outputs, input and kernel gradients (the custom VJP) against XLA's conv,
+    on maps that are not whole tiles and one smaller than the kernel."""
+    n, h, w, cin, cout = shape
+    kx, kk = jax.random.split(jax.random.key(h * w + tile))
+    x = jax.random.normal(kx, (n, h, w, cin))
+    kernel = jax.random.normal(kk, (5, 5, cin, cout)) / np.sqrt(25 * cin)
+    ours = functools.partial(layers.conv_winograd_tiles, tile=tile)
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), (0, 1)))(x, kernel)
+    # F(4x4, 5x5)'s fractional transforms round more than the direct sums: errors of ~1e-5 of an
+    # array's largest entry (the kernel gradient sums 512 pixels here), not of each entry
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5 * float(np.abs(b).max()))
+    close(ours(x, kernel), conv_xla(x, kernel))
+    for a, b in zip(jax.tree_util.tree_leaves(loss(ours)), jax.tree_util.tree_leaves(loss(conv_xla))):
+        close(a, b)
+
+
+def test_winograd_tiles_only_where_they_apply():
+    for kernel, strides, padding in [((4, 4, 2, 2), (1, 1), 'SAME'), ((5, 5, 2, 2), (2, 2), 'SAME'),
+                                     ((5, 5, 2, 2), (1, 1), 'VALID'), ((5, 3, 2, 2), (1, 1), 'SAME')]:
+        with pytest.raises(ValueError, match='odd square'):
+            layers.conv_winograd_tiles(jnp.ones((1, 8, 8, 2)), jnp.ones(kernel), strides, padding)
+    wide = layers.WINOGRAD_TILES_MIN_CHANNELS
+    assert layers.winograd_tiles_apply((2, 8, 8, wide), (5, 5, wide, 4), (1, 1), 'SAME')
+    assert layers.winograd_tiles_apply((2, 8, 8, wide), (5, 5, wide, 4), (1, 1), 'same')
+    assert not layers.winograd_tiles_apply((2, 8, 8, wide - 1), (5, 5, wide - 1, 4), (1, 1), 'SAME')
+    assert not layers.winograd_tiles_apply((2, 8, 8, wide), (5, 5, wide, 4), (2, 2), 'SAME')
+    assert not layers.winograd_tiles_apply((2, 8, 8, wide), (5, 5, wide, 4), (1, 1), 'VALID')
+    assert not layers.winograd_tiles_apply((2, 8, 8, wide), (3, 3, wide, 4), (1, 1), 'SAME')
+
+
+def test_winograd_tiles_bfloat16_as_accurate_as_native():
+    """F(4x4, 5x5) runs in float32 inside; in bfloat16 the hybrid conv's 5x5 must not lose much
+    more than XLA's own bfloat16 convolution (output and both gradients, against float32)."""
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 32))
+    kernel = jax.random.normal(jax.random.key(1), (5, 5, 32, 32)) / 28
+    assert layers.winograd_tiles_apply(x.shape, kernel.shape, (1, 1), 'SAME')
+
+    def out_and_grads(fn, dtype):
+        conv = lambda x, k: fn(x.astype(dtype), k.astype(dtype)).astype(jnp.float32)
+        return jax.jit(lambda x, k: (conv(x, k), jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1))(x, k)))(
+            x, kernel)
+
+    ref = jax.tree_util.tree_leaves(out_and_grads(conv_xla, jnp.float32))
+    for ours, xla, want in zip(jax.tree_util.tree_leaves(out_and_grads(conv_hybrid, jnp.bfloat16)),
+                               jax.tree_util.tree_leaves(out_and_grads(conv_xla, jnp.bfloat16)), ref):
+        error = lambda got: float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        assert error(ours) < 2 * error(xla)
+
+
 def test_hybrid_winograd_forward_bfloat16_as_accurate_as_native(monkeypatch):
     """The Winograd forward and input gradient add transformed tiles; in bfloat16 they must not
     lose much more than XLA's own bfloat16 convolution (both against float32)."""
@@ -469,15 +533,17 @@ def test_hybrid_winograd_forward_bfloat16_as_accurate_as_native(monkeypatch):
 
 
 # 1x1 kernels: the kernel gradient as g^T @ x on the CPU (_pointwise_matmul)
-@pytest.mark.parametrize('k,stride,winograd', [(3, 1, False), (3, 2, False), (3, 1, True), (1, 1, False), (1, 2, False)])
+@pytest.mark.parametrize('k,stride,winograd', [(3, 1, False), (3, 2, False), (3, 1, True), (1, 1, False), (1, 2, False),
+                                               (5, 1, True)])
 @pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
 def test_hybrid_conv_under_vmap(in_axes, k, stride, winograd, monkeypatch):
     """Sweeps vmap the train step over members; the hybrid conv's own vmap rule (one
     convolution per member, or folded into images/channels) must match jax's, and so must its
-    Winograd forward and input gradient (matmuls, vmapped by jax)."""
+    Winograd forward and input gradient (matmuls, vmapped by jax), and 5x5s' Winograd F(4x4, 5x5)."""
     if winograd:
         monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
         monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
+        monkeypatch.setattr(layers, 'WINOGRAD_TILES_MIN_CHANNELS', 1)
     kx, kk = jax.random.split(jax.random.key(3))
     xs = jax.random.normal(kx, (3, 4, 9, 9, 12))  # > HYBRID_GEMM_MAX_CHANNELS: native path (stride 1: Winograd dk)
     kernels = jax.random.normal(kk, (3, k, k, 12, 5)) / 10
@@ -493,7 +559,9 @@ def test_hybrid_conv_under_vmap(in_axes, k, stride, winograd, monkeypatch):
     ours = value_and_grads(functools.partial(conv_hybrid, chunk=2))
     ref = value_and_grads(conv_xla)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        # F(4x4, 5x5): errors of ~1e-5 of the largest entry (test_winograd_tiles_conv_matches_native)
+        atol = 3e-5 * float(np.abs(b).max()) if k == 5 else 1e-4
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize('batched', [False, True])
