@@ -486,8 +486,9 @@ def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str) -> boo
 # rather than F(2x2, 3x3)'s adds; errors ~1e-5 of an output's scale instead of ~1e-7. Forward and both
 # gradients in lax.scan against the native path (AVX2 EPYC): 8x8x32 at batch 128 12.7 -> 10.5 ms,
 # at 32 4.7 -> 3.3; GoogLeNet's 16x16x16 ones slower (b128 16.6 -> 20.4 ms, b32 3.6 -> 3.7: the
-# transforms' copies outweigh the 6.25x fewer products with 16 channels), as were its 3x3s as
-# F(4x4, 3x3) in jit (b128 4.9 -> ~4.0 ms a layer, b32 level; not taken further).
+# transforms' copies outweigh the 6.25x fewer products with 16 channels). Its 3x3s as F(4x4, 3x3)
+# measured no faster (jit, forward plus gradients at batch 128: 8x8x32 4.9 -> 4.6 ms, 16x16x16
+# 5.4 -> 5.5; slower at batch 32).
 WINOGRAD_LARGE_TILE = 4
 WINOGRAD_LARGE_KERNELS = (5,)
 WINOGRAD_TILES_MIN_CHANNELS = 32
@@ -520,7 +521,7 @@ def winograd_matrices(tile: int, size: int) -> tuple[np.ndarray, np.ndarray, np.
 
 def winograd_tiles_apply(x_shape, kernel_shape, strides, padding: str) -> bool:
     """Whether the 'hybrid' conv runs this layer through conv_winograd_tiles: a square kernel of
-    WINOGRAD_LARGE_KERNELS, stride 1, SAME, more than HYBRID_GEMM_MAX_CHANNELS input channels."""
+    WINOGRAD_LARGE_KERNELS, stride 1, SAME, at least WINOGRAD_TILES_MIN_CHANNELS input channels."""
     kh, kw = kernel_shape[:2]
     return (kh == kw and kh in WINOGRAD_LARGE_KERNELS and tuple(strides) == (1, 1)
             and padding.upper() == 'SAME' and x_shape[-1] >= WINOGRAD_TILES_MIN_CHANNELS)
@@ -528,8 +529,8 @@ def winograd_tiles_apply(x_shape, kernel_shape, strides, padding: str) -> bool:
 
 def _winograd_input_tiles(x: jax.Array, tile: int, size: int) -> jax.Array:
     """(n, h, w, c) -> (a*a, n*th*tw, c): B^T d B for every a x a tile d of the SAME-padded input,
-    tiles at stride ``tile``, indexed (column, row) of the transform. Each step (strided row or
-    column views stacked on a leading axis, then B^T over it) is a plain matmul, no transposes."""
+    tiles at stride ``tile``, indexed (column, row) of the transform. Each step stacks strided row
+    or column views on a leading axis and applies B^T over it: a matmul on the leading axis."""
     a = tile + size - 1
     _, _, bt = winograd_matrices(tile, size)
     n, h, w, c = x.shape
@@ -576,7 +577,7 @@ def _conv_winograd_tiles_bwd(tile, residuals, g):
     """Input gradient: the same convolution of g with the flipped, in/out-swapped kernel (SAME, odd
     size). Kernel gradient: the forward's input tiles (kept) against A-transformed output-gradient
     tiles, one (c x P) @ (P x k) matmul per tile position, then G^T . G. Autodiff's transposes of
-    the tensordots ran 1.2-1.5x slower (they contract non-leading axes)."""
+    the tensordots (they contract non-leading axes) ran 1.1-1.5x slower in jit."""
     tiles, kernel = residuals
     size = kernel.shape[0]
     a = tile + size - 1
