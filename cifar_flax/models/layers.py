@@ -373,8 +373,12 @@ def _winograd_out_hw(h: int, w: int, padding: str) -> tuple[int, int]:
 def _winograd_grid(h: int, w: int, padding: str = 'SAME') -> tuple[int, int]:
     """Rows and columns of 2x2 output tiles that cover the output of a 3x3 stride-1 conv of an h x w map.
     VALID gets its own grid, not SAME's cropped: AlexNet's 14x14 input has 6x6 tiles, not 7x7."""
-    oh, ow = _winograd_out_hw(h, w, padding)
-    return -(-oh // 2), -(-ow // 2)
+    return _tile_grid(*_winograd_out_hw(h, w, padding), 2)
+
+
+def _tile_grid(h: int, w: int, tile: int) -> tuple[int, int]:
+    """Rows and columns of tile x tile output tiles that cover an h x w output."""
+    return -(-h // tile), -(-w // tile)
 
 
 def _winograd_tile_list(x: jax.Array, padding: str = 'SAME') -> list[jax.Array]:
@@ -534,7 +538,7 @@ def _winograd_input_tiles(x: jax.Array, tile: int, size: int) -> jax.Array:
     a = tile + size - 1
     _, _, bt = winograd_matrices(tile, size)
     n, h, w, c = x.shape
-    th, tw = -(-h // tile), -(-w // tile)
+    th, tw = _tile_grid(h, w, tile)
     lo = (size - 1) // 2
     xp = jnp.pad(x, ((0, 0), (lo, th * tile + size - 1 - h - lo), (lo, tw * tile + size - 1 - w - lo), (0, 0)))
     rows = jnp.tensordot(bt, jnp.stack([xp[:, i:i + tile * th:tile] for i in range(a)]), 1)  # (a_i, n, th, W, c)
@@ -555,7 +559,7 @@ def _winograd_output(products: jax.Array, tile: int, size: int, out_shape) -> ja
     a = tile + size - 1
     at, _, _ = winograd_matrices(tile, size)
     n, h, w = out_shape
-    th, tw = -(-h // tile), -(-w // tile)
+    th, tw = _tile_grid(h, w, tile)
     columns_done = jnp.tensordot(at, products.reshape(a, a, n, th, tw, -1), 1)  # (v, a_i, n, th, tw, k)
     y = jnp.einsum('ui,vintxk->ntuxvk', at, columns_done)
     return y.reshape(n, th * tile, tw * tile, -1)[:, :h, :w]
@@ -563,8 +567,7 @@ def _winograd_output(products: jax.Array, tile: int, size: int, out_shape) -> ja
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_winograd_tiles(x, kernel, tile):
-    tiles = _winograd_input_tiles(x, tile, kernel.shape[0])
-    return _winograd_output(_winograd_tile_products(tiles, kernel, tile), tile, kernel.shape[0], x.shape[:3])
+    return _conv_winograd_tiles_fwd(x, kernel, tile)[0]
 
 
 def _conv_winograd_tiles_fwd(x, kernel, tile):
@@ -583,7 +586,7 @@ def _conv_winograd_tiles_bwd(tile, residuals, g):
     a = tile + size - 1
     at, gm, _ = winograd_matrices(tile, size)
     n, h, w, k = g.shape
-    th, tw = -(-h // tile), -(-w // tile)
+    th, tw = _tile_grid(h, w, tile)
     gp = jnp.pad(g, ((0, 0), (0, th * tile - h), (0, tw * tile - w), (0, 0))).reshape(n, th, tile, tw, tile, k)
     d_products = jnp.einsum('vj,ui,ntuxvk->jintxk', at, at, gp).reshape(a * a, n * th * tw, k)
     d_kernel_tiles = lax.dot_general(tiles, d_products, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
