@@ -21,7 +21,7 @@ class LeNet5(nn.Module):
         act = get_activation(self.activation)
         x = x.astype(self.dtype)
         for features in (6, 16):
-            x = act(Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv)(x))
+            x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act)(x)
             x = max_pool(x, 2, 2, impl=self.pool)
         x = flatten(x)
         for features in (120, 84):
