@@ -30,6 +30,10 @@ from cifar_flax.data import CLASS_NAMES
 from tests.fixtures_runs import REUSE_CKPT_ROOT_ENV, lenet_run, tiny_ckpt_root  # noqa: F401  (session fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Under pytest-xdist (`--dist loadgroup`) this file's tests run together, in order, on one
+# worker: whether TensorFlow is loaded cannot change between test_ui_in_clean_process's check
+# and the tests it stands in for (else both could skip).
+pytestmark = pytest.mark.xdist_group('ui')
 TENSORFLOW_LOADED_REASON = ('TensorFlow is loaded in this process (its LLVM symbols crash Mesa\'s llvmpipe); '
                             'these tests ran in a clean process: see test_ui_in_clean_process')
 
