@@ -222,8 +222,12 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     span = block + kw - 1  # input columns under one block of outputs
     right = blocks * block + kw - 1 - w - pads[1][0]
     x = jnp.pad(x, ((0, 0), pads[0], (pads[1][0], right), (0, 0)))
-    patches = jnp.stack([jnp.stack([x[:, i:i + out_h, b * block:b * block + span] for i in range(kh)], axis=2)
-                         for b in range(blocks)], axis=2)  # (n, out_h, blocks, kh, span, cin)
+    # Sliced from the (n, h, w * cin) view, the patches' minor dimension is span * cin, not
+    # cin (3 or 6), and XLA:CPU builds them 1.4-1.5x faster (LeNet-5's first layer, batch 128).
+    rows = x.reshape(n, x.shape[1], -1)
+    patches = jnp.stack([jnp.stack([rows[:, i:i + out_h, b * block * cin:(b * block + span) * cin]
+                                    for i in range(kh)], axis=2)
+                         for b in range(blocks)], axis=2)  # (n, out_h, blocks, kh, span * cin)
     band = np.zeros((kw, span, block), np.float32)  # band[j, a, x] = 1 where input column a = x + j
     for j in range(kw):
         band[j, np.arange(block) + j, np.arange(block)] = 1
