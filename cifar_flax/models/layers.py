@@ -591,8 +591,12 @@ def _conv_winograd_tiles_bwd(tile, residuals, g):
     at, gm, _ = winograd_matrices(tile, size)
     n, h, w, k = g.shape
     th, tw = _tile_grid(h, w, tile)
-    gp = jnp.pad(g, ((0, 0), (0, th * tile - h), (0, tw * tile - w), (0, 0))).reshape(n, th, tile, tw, tile, k)
-    d_products = jnp.einsum('vj,ui,ntuxvk->jintxk', at, at, gp).reshape(a * a, n * th * tw, k)
+    gp = jnp.pad(g, ((0, 0), (0, th * tile - h), (0, tw * tile - w), (0, 0)))
+    # A applied on a leading axis of stacked strided views, as in _winograd_input_tiles: as one
+    # einsum, XLA:CPU transposed its (a*a, P, k) result in a copy of its own.
+    rows = jnp.tensordot(at.T, jnp.stack([gp[:, u::tile] for u in range(tile)]), 1)  # (a_i, n, th, W, k)
+    cols = jnp.stack([rows[:, :, :, v::tile] for v in range(tile)])  # (v, a_i, n, th, tw, k)
+    d_products = jnp.tensordot(at.T, cols, 1).reshape(a * a, n * th * tw, k)
     d_kernel_tiles = lax.dot_general(tiles, d_products, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
     dk = jnp.einsum('ir,js,jick->rsck', gm, gm, d_kernel_tiles.reshape(a, a, *d_kernel_tiles.shape[1:]))
     return _conv_winograd_tiles(g, _input_grad_kernel(kernel), tile), dk
