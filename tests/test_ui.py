@@ -30,16 +30,22 @@ from cifar_flax.data import CLASS_NAMES
 from tests.fixtures_runs import REUSE_CKPT_ROOT_ENV, lenet_run, tiny_ckpt_root  # noqa: F401  (session fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Under pytest-xdist (`--dist loadgroup`) this file's tests run together, in order, on one
-# worker: whether TensorFlow is loaded cannot change between test_ui_in_clean_process's check
-# and the tests it stands in for (else both could skip).
-pytestmark = pytest.mark.xdist_group('ui')
-TENSORFLOW_LOADED_REASON = ('TensorFlow is loaded in this process (its LLVM symbols crash Mesa\'s llvmpipe); '
-                            'these tests ran in a clean process: see test_ui_in_clean_process')
+CLEAN_PROCESS_REASON = ('TensorFlow is loaded in this process (its LLVM symbols crash Mesa\'s llvmpipe) or '
+                        'this is a pytest-xdist worker: these tests ran in a clean process, see '
+                        'test_ui_in_clean_process')
+XDIST_VARIABLES = ('PYTEST_XDIST_WORKER', 'PYTEST_XDIST_WORKER_COUNT', 'PYTEST_XDIST_TESTRUNUID')
 
 
 def tensorflow_loaded() -> bool:
     return 'tensorflow' in sys.modules
+
+
+def ui_runs_here() -> bool:
+    """Whether the Dear PyGui tests run in this process. Not with TensorFlow loaded, and not in
+    an xdist worker: another test there may load TensorFlow, and xdist may give this file's tests
+    to both workers (xdist_group marks were not honoured with pytest 9.2 and xdist 3.8), so their order and
+    shared app state would be lost. Elsewhere test_ui_in_clean_process runs them in a child."""
+    return not tensorflow_loaded() and 'PYTEST_XDIST_WORKER' not in os.environ
 
 
 def _die_with_parent(command: list[str]) -> list[str]:
@@ -84,12 +90,13 @@ def x_display():
 
 
 def test_ui_in_clean_process(tiny_ckpt_root):
-    """Run this file in a fresh pytest process when TensorFlow is loaded here."""
-    if not tensorflow_loaded():
-        pytest.skip('TensorFlow is not loaded in this process; the UI tests run here directly')
+    """Run this file in a fresh pytest process (one process, no xdist) unless it runs here."""
+    if ui_runs_here():
+        pytest.skip('TensorFlow is not loaded and this is no xdist worker; the UI tests run here directly')
     if shutil.which('Xvfb') is None:
         pytest.skip('Xvfb is not installed (apt-get install xvfb); UI tests need a display')
-    env = {**os.environ, 'MPLBACKEND': 'Agg', REUSE_CKPT_ROOT_ENV: str(tiny_ckpt_root)}
+    env = {name: value for name, value in os.environ.items() if name not in XDIST_VARIABLES}
+    env.update({'MPLBACKEND': 'Agg', REUSE_CKPT_ROOT_ENV: str(tiny_ckpt_root)})
     result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', __file__],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(result.stdout)
@@ -102,8 +109,8 @@ def test_ui_in_clean_process(tiny_ckpt_root):
 
 @pytest.fixture(scope='session')
 def app(x_display, tiny_ckpt_root):
-    if tensorflow_loaded():
-        pytest.skip(TENSORFLOW_LOADED_REASON)
+    if not ui_runs_here():
+        pytest.skip(CLEAN_PROCESS_REASON)
     import dearpygui.dearpygui as dpg  # noqa: F401  (fail here, not at collection)
     from ui.app import App
 
@@ -239,6 +246,7 @@ def test_bad_files_show_an_error_and_the_app_keeps_running(app, dpg_module, tmp_
     app.render(2)
     assert dpg.is_item_shown(app.tags['file_dialog'])
     dpg.hide_item(app.tags['file_dialog'])
+    assert app.select_network('lenet5')
     app.open_image(sample('dog'))
     bad = tmp_path / 'broken.png'
     bad.write_text('not an image')
