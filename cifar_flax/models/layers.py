@@ -535,19 +535,29 @@ def winograd_tiles_apply(x_shape, kernel_shape, strides, padding: str) -> bool:
             and padding.upper() == 'SAME' and x_shape[-1] >= WINOGRAD_TILES_MIN_CHANNELS)
 
 
+def _transform_tiles(x: jax.Array, matrix: np.ndarray, tile: int, grid: tuple[int, int]) -> jax.Array:
+    """(n, H, W, c) -> (m*m, n*th*tw, c): M d M^T for every L x L tile d of x at stride ``tile``
+    (M is m x L; grid = (th, tw) tiles), indexed (column, row) of the transform. Each step stacks
+    strided row or column views on a leading axis and applies M over it: a matmul on the leading
+    axis (as one einsum, XLA:CPU transposed the result in a slow copy of its own)."""
+    m, length = matrix.shape
+    th, tw = grid
+    n, c = x.shape[0], x.shape[-1]
+    views = jnp.stack([x[:, i:i + tile * th:tile] for i in range(length)])  # (L_i, n, th, W, c)
+    rows = jnp.tensordot(matrix, views, 1)  # (m_i, n, th, W, c)
+    cols = jnp.stack([rows[:, :, :, j:j + tile * tw:tile] for j in range(length)])  # (L_j, m_i, n, th, tw, c)
+    return jnp.tensordot(matrix, cols, 1).reshape(m * m, n * th * tw, c)
+
+
 def _winograd_input_tiles(x: jax.Array, tile: int, size: int) -> jax.Array:
     """(n, h, w, c) -> (a*a, n*th*tw, c): B^T d B for every a x a tile d of the SAME-padded input,
-    tiles at stride ``tile``, indexed (column, row) of the transform. Each step stacks strided row
-    or column views on a leading axis and applies B^T over it: a matmul on the leading axis."""
-    a = tile + size - 1
+    tiles at stride ``tile``, indexed (column, row) of the transform."""
     _, _, bt = winograd_matrices(tile, size)
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     th, tw = _tile_grid(h, w, tile)
     lo = (size - 1) // 2
     xp = jnp.pad(x, ((0, 0), (lo, th * tile + size - 1 - h - lo), (lo, tw * tile + size - 1 - w - lo), (0, 0)))
-    rows = jnp.tensordot(bt, jnp.stack([xp[:, i:i + tile * th:tile] for i in range(a)]), 1)  # (a_i, n, th, W, c)
-    cols = jnp.stack([rows[:, :, :, j:j + tile * tw:tile] for j in range(a)])  # (a_j, a_i, n, th, tw, c)
-    return jnp.tensordot(bt, cols, 1).reshape(a * a, n * th * tw, c)
+    return _transform_tiles(xp, bt, tile, (th, tw))
 
 
 def _winograd_tile_products(tiles: jax.Array, kernel: jax.Array, tile: int) -> jax.Array:
@@ -589,14 +599,10 @@ def _conv_winograd_tiles_bwd(tile, residuals, g):
     size = kernel.shape[0]
     a = tile + size - 1
     at, gm, _ = winograd_matrices(tile, size)
-    n, h, w, k = g.shape
+    _, h, w, _ = g.shape
     th, tw = _tile_grid(h, w, tile)
     gp = jnp.pad(g, ((0, 0), (0, th * tile - h), (0, tw * tile - w), (0, 0)))
-    # A applied on a leading axis of stacked strided views, as in _winograd_input_tiles: as one
-    # einsum, XLA:CPU transposed its (a*a, P, k) result in a copy of its own.
-    rows = jnp.tensordot(at.T, jnp.stack([gp[:, u::tile] for u in range(tile)]), 1)  # (a_i, n, th, W, k)
-    cols = jnp.stack([rows[:, :, :, v::tile] for v in range(tile)])  # (v, a_i, n, th, tw, k)
-    d_products = jnp.tensordot(at.T, cols, 1).reshape(a * a, n * th * tw, k)
+    d_products = _transform_tiles(gp, at.T, tile, (th, tw))  # A g A^T per output-gradient tile: (a*a, P, k)
     d_kernel_tiles = lax.dot_general(tiles, d_products, (((1,), (1,)), ((0,), (0,))))  # (a*a, c, k)
     dk = jnp.einsum('ir,js,jick->rsck', gm, gm, d_kernel_tiles.reshape(a, a, *d_kernel_tiles.shape[1:]))
     return _conv_winograd_tiles(g, _input_grad_kernel(kernel), tile), dk
