@@ -33,7 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CLEAN_PROCESS_REASON = ('TensorFlow is loaded in this process (its LLVM symbols crash Mesa\'s llvmpipe) or '
                         'this is a pytest-xdist worker: these tests ran in a clean process, see '
                         'test_ui_in_clean_process')
-XDIST_VARIABLES = ('PYTEST_XDIST_WORKER', 'PYTEST_XDIST_WORKER_COUNT', 'PYTEST_XDIST_TESTRUNUID')
 
 
 def tensorflow_loaded() -> bool:
@@ -95,7 +94,7 @@ def test_ui_in_clean_process(tiny_ckpt_root):
         pytest.skip('TensorFlow is not loaded and this is no xdist worker; the UI tests run here directly')
     if shutil.which('Xvfb') is None:
         pytest.skip('Xvfb is not installed (apt-get install xvfb); UI tests need a display')
-    env = {name: value for name, value in os.environ.items() if name not in XDIST_VARIABLES}
+    env = {name: value for name, value in os.environ.items() if not name.startswith('PYTEST_XDIST_')}
     env.update({'MPLBACKEND': 'Agg', REUSE_CKPT_ROOT_ENV: str(tiny_ckpt_root)})
     result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', __file__],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200)
