@@ -405,6 +405,9 @@ def test_toeplitz_conv_matches_native(k, padding, cin, cout, hw, block):
     # sweeps vmap over members' kernels (and inputs)
     members = jax.jit(jax.vmap(lambda x, k: toeplitz(x[None], k)))(x, kernels)
     np.testing.assert_allclose(members, jax.vmap(lambda x, k: native(x[None], k))(x, kernels), rtol=1e-4, atol=1e-4)
+    member_grads = lambda fn: jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(fn(x[None], k))), (0, 1))))(x, kernels)
+    for a, b in zip(member_grads(toeplitz), member_grads(native)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_toeplitz_block_rule():

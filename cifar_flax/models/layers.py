@@ -199,6 +199,33 @@ def toeplitz_block(out_width: int, features: int) -> int:
     return min(divisors, key=lambda d: (abs(d - target), d)) if divisors else target
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _row_patches(rows: jax.Array, kh: int, out_h: int, blocks: int, stride: int, width: int) -> jax.Array:
+    """(n, h, w * cin) -> (n, out_h, blocks, kh, width): patch [:, r, b, i] is
+    rows[:, r + i, b * stride:b * stride + width]."""
+    return jnp.stack([jnp.stack([rows[:, i:i + out_h, b * stride:b * stride + width] for i in range(kh)], axis=2)
+                      for b in range(blocks)], axis=2)
+
+
+def _row_patches_fwd(rows, kh, out_h, blocks, stride, width):
+    return _row_patches(rows, kh, out_h, blocks, stride, width), rows.shape
+
+
+def _row_patches_bwd(kh, out_h, blocks, stride, width, shape, g):
+    # Each patch added in place into its window; autodiff's transpose (a zero-padded copy
+    # of every patch, then one sum) ran as kh * blocks separate pad fusions in LeNet-5.
+    dx = jnp.zeros(shape, g.dtype)
+    for b in range(blocks):
+        for i in range(kh):
+            start = (0, i, b * stride)
+            window = lax.dynamic_slice(dx, start, (shape[0], out_h, width))
+            dx = lax.dynamic_update_slice(dx, window + g[:, :, b, i], start)
+    return (dx,)
+
+
+_row_patches.defvjp(_row_patches_fwd, _row_patches_bwd)
+
+
 def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
                   block: int | None = None) -> jax.Array:
     """Stride-1 NHWC convolution as one banded (block-Toeplitz) matmul.
@@ -225,9 +252,7 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     # Sliced from the (n, h, w * cin) view, the patches' minor dimension is span * cin, not
     # cin (3 or 6), and XLA:CPU builds them 1.4-1.5x faster (LeNet-5's first layer, batch 128).
     rows = x.reshape(n, x.shape[1], -1)
-    patches = jnp.stack([jnp.stack([rows[:, i:i + out_h, b * block * cin:(b * block + span) * cin]
-                                    for i in range(kh)], axis=2)
-                         for b in range(blocks)], axis=2)  # (n, out_h, blocks, kh, span * cin)
+    patches = _row_patches(rows, kh, out_h, blocks, block * cin, span * cin)  # (n, out_h, blocks, kh, span * cin)
     band = np.zeros((kw, span, block), np.float32)  # band[j, a, x] = 1 where input column a = x + j
     for j in range(kw):
         band[j, np.arange(block) + j, np.arange(block)] = 1
