@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Conv, dense, flatten, get_activation, max_pool
+from .layers import Conv, dense, flatten, get_activation, materialize, max_pool
 
 
 class LeNet5(nn.Module):
@@ -22,7 +22,8 @@ class LeNet5(nn.Module):
         x = x.astype(self.dtype)
         for features in (6, 16):
             x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act)(x)
-            x = max_pool(x, 2, 2, impl=self.pool)
+            # written once: XLA:CPU otherwise recomputes the pool in every patch of the next layer
+            x = materialize(max_pool(x, 2, 2, impl=self.pool))
         x = flatten(x)
         for features in (120, 84):
             x = act(dense(features, self.dtype)(x))
