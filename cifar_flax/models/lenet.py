@@ -22,7 +22,8 @@ class LeNet5(nn.Module):
         x = x.astype(self.dtype)
         for features in (6, 16):
             x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act)(x)
-            # written once: XLA:CPU otherwise recomputes the pool in every patch of the next layer
+            # written once: XLA:CPU otherwise fuses the pool into its reader and recomputes it
+            # (for the first pool, in every patch of the next conv)
             x = materialize(max_pool(x, 2, 2, impl=self.pool))
         x = flatten(x)
         for features in (120, 84):
