@@ -170,7 +170,9 @@ CONV_CONFIGS = [
     # above HYBRID_GEMM_MAX_CHANNELS: the hybrid impl's native-convolution path
     (3, 1, 'SAME', 12, 16, 5),
     (3, 1, 'SAME', 12, 16, 9),    # >= WINOGRAD_MIN_SIZE: Winograd kernel gradient, odd size
-    (3, 2, 'SAME', 12, 16, 8),
+    (3, 2, 'SAME', 12, 16, 10),   # 5x5 output: above HYBRID_GEMM_MAX_MAP_PIXELS
+    (3, 2, 'SAME', 12, 16, 8),    # 4x4 output: one im2col/matmul
+    (3, 1, 'SAME', 12, 16, 4),
     (5, 1, 'VALID', 12, 8, 9),
     (3, 1, 'VALID', 12, 16, 9),   # alexnet8 conv 2: Winograd kernel gradient of a VALID conv, odd size
     # >= WINOGRAD_MIN_CHANNELS and WINOGRAD_MIN_PIXELS (batch 2): Winograd forward and input gradient too
@@ -331,7 +333,8 @@ def test_strided_pool_is_subsampled_same_pool(impl, size):
 @pytest.mark.parametrize('stride', [1, 2])
 def test_hybrid_gradients_inside_scan(stride):
     """train.fit runs steps in lax.scan; the custom VJP must give the same gradients there."""
-    xs = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 12))  # > HYBRID_GEMM_MAX_CHANNELS
+    # > HYBRID_GEMM_MAX_CHANNELS; stride 2: a 5x5 output, > HYBRID_GEMM_MAX_MAP_PIXELS
+    xs = jax.random.normal(jax.random.key(0), (2, 4, 10, 10, 12))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 12, 5)) / 8
 
     def summed_grads(fn):
@@ -341,6 +344,14 @@ def test_hybrid_gradients_inside_scan(stride):
 
     np.testing.assert_allclose(summed_grads(functools.partial(conv_hybrid, chunk=3)), summed_grads(conv_xla),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('size,stride,native', [(4, 1, False), (5, 1, True), (8, 2, False), (10, 2, True)])
+def test_hybrid_small_maps_are_one_matmul(size, stride, native):
+    """Output maps of at most HYBRID_GEMM_MAX_MAP_PIXELS (16: 4x4) skip XLA's convolution."""
+    x, kernel = jnp.ones((2, size, size, 12)), jnp.ones((3, 3, 12, 16))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(conv_hybrid(x, k, (stride, stride))), (0, 1)))(x, kernel))
+    assert ('conv_general_dilated' in jaxpr) == native
 
 
 @pytest.mark.parametrize('shape,dtype,images', [

@@ -288,6 +288,14 @@ HYBRID_KERNEL_GRAD_CHUNK = 16
 # lose: GoogLeNet's 16-channel 3x3s were ~30% slower as im2col matmuls and no faster
 # as banded ones.
 HYBRID_GEMM_MAX_CHANNELS = 8
+# Output maps of at most this many pixels go through one im2col/matmul (conv_gemm) in the 'hybrid'
+# impl: on a 4x4 map most of a 3x3 window is padding edge. On the 2-core AVX-512 Xeon, forward and
+# both gradients in lax.scan: 4x4x512 b32 1.66x faster than native convs, b128 1.17x than Winograd;
+# whole networks in one process, alternating (scan chunks, median paired ratio, rounds faster):
+# VGG16 b32 1.095x (7/9), b128 1.023x (5/7); ResNet-18 b32 1.035x (6/9), b128 1.055x (5/7).
+# AlexNet's 5x5 maps (25 pixels) lose at batch 128 (0.92x, 2/7; their Winograd path) and are level
+# at 32 (0.98x, 1.00x), so they stay out.
+HYBRID_GEMM_MAX_MAP_PIXELS = 16
 _CANONICAL = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -691,7 +699,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 
     Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
     (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
-    images. 1x1 kernels and maps smaller than the kernel: one im2col/matmul (conv_gemm).
+    images. 1x1 kernels, maps smaller than the kernel and output maps of at most
+    HYBRID_GEMM_MAX_MAP_PIXELS: one im2col/matmul (conv_gemm).
     Everything else: native convolutions on batch slices of at most ``chunk``
     images (default: HYBRID_CONV_CHUNK, fewer where a slice's input would pass
     HYBRID_SLICE_BYTES), with a custom VJP whose input and kernel gradients are written as
@@ -720,7 +729,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
             return conv_toeplitz(x, kernel, strides, padding)
         # im2col patches stay in cache per slice
         return _on_batch_slices(lambda part: conv_gemm(part, kernel, strides, padding), x, chunk)
-    if (kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw)):
+    if ((kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw))
+            or out_hw[0] * out_hw[1] <= HYBRID_GEMM_MAX_MAP_PIXELS):
         return conv_gemm(x, kernel, strides, padding)
     if winograd_tiles_apply(x.shape, kernel.shape, strides, padding):
         return conv_winograd_tiles(x, kernel, strides, padding)
