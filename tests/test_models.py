@@ -461,6 +461,10 @@ def test_winograd_only_where_it_applies():
     assert not winograd_conv_applies((pixels // 16, 4, 4, channels), (3, 3, channels, channels - 1), (1, 1), 'SAME')
     assert not winograd_conv_applies((pixels // 16, 8, 8, channels), (3, 3, channels, channels), (2, 2), 'SAME')
     assert not winograd_conv_applies((pixels // 16, 8, 8, channels), (5, 5, channels, channels), (1, 1), 'SAME')
+    # WINOGRAD_MIN_TILE_USE: a 5x5 output takes 3x3 tiles (25 of 36 outputs real), a 7x7 one 4x4 (49 of 64)
+    assert not winograd_conv_applies((pixels // 16, 5, 5, channels), (3, 3, channels, channels), (1, 1), 'SAME')
+    assert not winograd_conv_applies((pixels // 16, 7, 7, channels), (3, 3, channels, channels), (1, 1), 'VALID')
+    assert winograd_conv_applies((pixels // 16, 7, 7, channels), (3, 3, channels, channels), (1, 1), 'SAME')
 
 
 @pytest.mark.parametrize('tile,size', [(2, 3), (4, 3), (2, 5), (4, 5)])

@@ -385,6 +385,12 @@ WINOGRAD_MIN_SIZE = 4
 # VGG16 level or faster. Fewer channels lose: GoogLeNet's 16x16x16 and 8x8x32 b128 2.6-2.8 -> 3.7 ms.
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_PIXELS = 1024
+# ... and where at least this fraction of the 2x2 tiles' outputs are real: an odd 5x5 output takes
+# 3x3 tiles (6x6, 31% of them padding). AlexNet's 5x5x256-384 maps on the 2-core AVX-512 Xeon, whole
+# network in one process, alternating rounds: native forward and input gradient 1.10x and 1.09x faster
+# at batch 128 (7 of 7, 8 of 9 rounds; 3,200 pixels a batch, so Winograd had applied there); at 32
+# (native already) Winograd measured 0.68x.
+WINOGRAD_MIN_TILE_USE = 0.75
 
 
 def _lincomb(coeffs, terms):
@@ -491,12 +497,14 @@ def winograd_conv_applies(x_shape, kernel_shape, strides, padding: str) -> bool:
     """Whether the 'hybrid' conv runs this layer's forward and input gradient through Winograd tiles:
     3x3, stride 1, SAME or VALID, at least WINOGRAD_MIN_CHANNELS in and out (with fewer, the memory-bound
     transforms outweigh the 2.25x fewer multiplies) and WINOGRAD_MIN_PIXELS output pixels a batch
-    (fewer make matmuls too small to run fast)."""
+    (fewer make matmuls too small to run fast), and at least WINOGRAD_MIN_TILE_USE of the tiles' outputs real."""
     if not _winograd_shape(kernel_shape[:2], strides, padding):
         return False
     n, h, w, cin = x_shape
     oh, ow = _winograd_out_hw(h, w, padding)
-    return min(cin, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * oh * ow >= WINOGRAD_MIN_PIXELS
+    th, tw = _winograd_grid(h, w, padding)
+    return (min(cin, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * oh * ow >= WINOGRAD_MIN_PIXELS
+            and oh * ow >= WINOGRAD_MIN_TILE_USE * 4 * th * tw)
 
 
 def _slice_images(x: jax.Array) -> int:
@@ -709,8 +717,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
     costs several times its forward there; strided layers take im2col's kernel gradient.
     Wide 3x3 stride-1 layers with enough output pixels (winograd_conv_applies: VGG16's and
-    ResNet-18's 64- to 512-channel stages, AlexNet's 3x3s, its 5x5-map ones at batch 128
-    only) also run their forward and input gradient through Winograd tiles (conv_winograd).
+    ResNet-18's 64- to 256-channel stages, AlexNet's 12x12-output 3x3) also run their
+    forward and input gradient through Winograd tiles (conv_winograd).
     5x5 stride-1 SAME layers of WINOGRAD_TILES_MIN_CHANNELS or more run entirely through
     Winograd F(4x4, 5x5) tiles (conv_winograd_tiles: GoogLeNet's 8x8x32 5x5s).
     Why canonical: XLA:CPU only runs non-canonical
