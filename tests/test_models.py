@@ -172,7 +172,7 @@ CONV_CONFIGS = [
     (3, 1, 'SAME', 12, 16, 9),    # >= WINOGRAD_MIN_SIZE: Winograd kernel gradient, odd size
     (3, 2, 'SAME', 12, 16, 10),   # 5x5 output: above HYBRID_GEMM_MAX_MAP_PIXELS
     (3, 2, 'SAME', 12, 16, 8),    # 4x4 output: one im2col/matmul
-    (3, 1, 'SAME', 12, 16, 4),
+    (3, 1, 'SAME', 12, 16, 4),    # the same, stride 1
     (5, 1, 'VALID', 12, 8, 9),
     (3, 1, 'VALID', 12, 16, 9),   # alexnet8 conv 2: Winograd kernel gradient of a VALID conv, odd size
     # >= WINOGRAD_MIN_CHANNELS and WINOGRAD_MIN_PIXELS (batch 2): Winograd forward and input gradient too
@@ -463,6 +463,7 @@ def test_winograd_only_where_it_applies():
     assert not winograd_conv_applies((pixels // 16, 8, 8, channels), (5, 5, channels, channels), (1, 1), 'SAME')
     # WINOGRAD_MIN_TILE_USE: a 5x5 output takes 3x3 tiles (25 of 36 outputs real), a 7x7 one 4x4 (49 of 64)
     assert not winograd_conv_applies((pixels // 16, 5, 5, channels), (3, 3, channels, channels), (1, 1), 'SAME')
+    # a 7x7 input VALID: a 5x5 output
     assert not winograd_conv_applies((pixels // 16, 7, 7, channels), (3, 3, channels, channels), (1, 1), 'VALID')
     assert winograd_conv_applies((pixels // 16, 7, 7, channels), (3, 3, channels, channels), (1, 1), 'SAME')
 

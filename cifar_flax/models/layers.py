@@ -502,7 +502,7 @@ def winograd_conv_applies(x_shape, kernel_shape, strides, padding: str) -> bool:
         return False
     n, h, w, cin = x_shape
     oh, ow = _winograd_out_hw(h, w, padding)
-    th, tw = _winograd_grid(h, w, padding)
+    th, tw = _tile_grid(oh, ow, 2)
     return (min(cin, kernel_shape[3]) >= WINOGRAD_MIN_CHANNELS and n * oh * ow >= WINOGRAD_MIN_PIXELS
             and oh * ow >= WINOGRAD_MIN_TILE_USE * 4 * th * tw)
 
