@@ -531,6 +531,36 @@ def test_winograd_tiles_bfloat16_as_accurate_as_native():
         assert error(ours) < 2 * error(xla)
 
 
+@pytest.mark.parametrize('shape,padding', [((3, 9, 12, 5, 4), 'SAME'), ((2, 14, 14, 4, 3), 'VALID'),
+                                           ((2, 7, 6, 3, 6), 'VALID')])
+def test_hybrid_winograd_conv_matches_native(shape, padding, monkeypatch):
+    """The hybrid conv's Winograd forward and input gradient (the latter on the kernel's own tiles,
+    permuted, each matmul contracting the tile's output channels) and its Winograd kernel gradient."""
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_TILE_USE', 0)
+    n, h, w, cin, cout = shape
+    kx, kk = jax.random.split(jax.random.key(h * w + cin))
+    x = jax.random.normal(kx, (n, h, w, cin))
+    kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+    assert winograd_conv_applies(x.shape, kernel.shape, (1, 1), padding)
+    assert winograd_kernel_grad_applies((h, w), (3, 3), (1, 1), padding)
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), padding))), (0, 1)))
+    for ours, want in zip(jax.tree.leaves(loss(conv_hybrid)(x, kernel)), jax.tree.leaves(loss(conv_xla)(x, kernel))):
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_kernel_transforms():
+    """G k G^T per tile and its transpose G^T d G, written as slice sums, against einsums."""
+    g = np.asarray(layers.WINOGRAD_G)
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 5))
+    tiles = np.random.default_rng(1).normal(size=(16, 4, 5))
+    np.testing.assert_allclose(layers._winograd_kernel_tiles(jnp.asarray(kernel, jnp.float32)),
+                               np.einsum('ri,ijck,sj->rsck', g, kernel, g).reshape(16, 4, 5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layers._winograd_untile_kernel(jnp.asarray(tiles, jnp.float32)),
+                               np.einsum('ri,rsck,sj->ijck', g, tiles.reshape(4, 4, 4, 5), g), rtol=1e-5, atol=1e-6)
+
+
 def test_hybrid_winograd_forward_bfloat16_as_accurate_as_native(monkeypatch):
     """The Winograd forward and input gradient add transformed tiles; in bfloat16 they must not
     lose much more than XLA's own bfloat16 convolution (both against float32)."""
