@@ -354,6 +354,22 @@ def test_hybrid_small_maps_are_one_matmul(size, stride, native):
     assert ('conv_general_dilated' in jaxpr) == native
 
 
+def test_hybrid_small_maps_take_winograd_where_it_applies(monkeypatch):
+    """A 4x4 map goes through Winograd tiles when winograd_conv_applies (enough pixels and
+    channels), else through one im2col matmul."""
+    x, kernel = jax.random.normal(jax.random.key(0), (2, 4, 4, 12)), jax.random.normal(jax.random.key(1), (3, 3, 12, 16))
+    calls = []
+    gemm = layers.conv_gemm
+    monkeypatch.setattr(layers, 'conv_gemm', lambda *a, **k: calls.append(1) or gemm(*a, **k))
+    conv_hybrid(x, kernel)
+    assert calls and not winograd_conv_applies(x.shape, kernel.shape, (1, 1), 'SAME')
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
+    calls.clear()
+    np.testing.assert_allclose(conv_hybrid(x, kernel), conv_xla(x, kernel), rtol=1e-4, atol=1e-4)
+    assert not calls
+
+
 @pytest.mark.parametrize('shape,dtype,images', [
     ((128, 32, 32, 64), jnp.float32, 8),     # ResNet-18 stage 1: 256 KiB an image
     ((128, 16, 16, 128), jnp.float32, 16),

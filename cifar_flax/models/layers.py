@@ -295,6 +295,10 @@ HYBRID_GEMM_MAX_CHANNELS = 8
 # VGG16 b32 1.095x (7/9), b128 1.023x (5/7); ResNet-18 b32 1.035x (6/9), b128 1.055x (5/7).
 # AlexNet's 5x5 maps (25 pixels) lose at batch 128 (0.92x, 2/7; their Winograd path) and are level
 # at 32 (0.98x, 1.00x), so they stay out.
+# Since the Winograd kernel transforms became slice sums (6c4dcca), such maps go through Winograd
+# tiles where winograd_conv_applies (4x4 maps from batch 64 at 64+ channels): whole networks in one
+# process, alternating rounds against im2col: VGG16 b128 1.14x (7 of 7 faster), ResNet-18 b128
+# 1.10x (6 of 7); at batch 32 (512 pixels) they stay im2col.
 HYBRID_GEMM_MAX_MAP_PIXELS = 16
 _CANONICAL = ('NHWC', 'HWIO', 'NHWC')
 
@@ -739,7 +743,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
     (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
     images. 1x1 kernels, maps smaller than the kernel and output maps of at most
-    HYBRID_GEMM_MAX_MAP_PIXELS: one im2col/matmul (conv_gemm).
+    HYBRID_GEMM_MAX_MAP_PIXELS (unless Winograd tiles apply): one im2col/matmul (conv_gemm).
     Everything else: native convolutions on batch slices of at most ``chunk``
     images (default: HYBRID_CONV_CHUNK, fewer where a slice's input would pass
     HYBRID_SLICE_BYTES), with a custom VJP whose input and kernel gradients are written as
@@ -768,8 +772,9 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
             return conv_toeplitz(x, kernel, strides, padding)
         # im2col patches stay in cache per slice
         return _on_batch_slices(lambda part: conv_gemm(part, kernel, strides, padding), x, chunk)
-    if ((kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw))
-            or out_hw[0] * out_hw[1] <= HYBRID_GEMM_MAX_MAP_PIXELS):
+    small_map = (out_hw[0] * out_hw[1] <= HYBRID_GEMM_MAX_MAP_PIXELS
+                 and not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper()))
+    if (kh, kw) == (1, 1) or native_conv_is_slow(x.shape[1:3], out_hw, (kh, kw)) or small_map:
         return conv_gemm(x, kernel, strides, padding)
     if winograd_tiles_apply(x.shape, kernel.shape, strides, padding):
         return conv_winograd_tiles(x, kernel, strides, padding)
