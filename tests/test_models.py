@@ -359,15 +359,16 @@ def test_hybrid_small_maps_take_winograd_where_it_applies(monkeypatch):
     channels), else through one im2col matmul."""
     x, kernel = jax.random.normal(jax.random.key(0), (2, 4, 4, 12)), jax.random.normal(jax.random.key(1), (3, 3, 12, 16))
     calls = []
-    gemm = layers.conv_gemm
-    monkeypatch.setattr(layers, 'conv_gemm', lambda *a, **k: calls.append(1) or gemm(*a, **k))
+    for name in ('conv_gemm', 'conv_winograd'):
+        fn = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
     conv_hybrid(x, kernel)
-    assert calls and not winograd_conv_applies(x.shape, kernel.shape, (1, 1), 'SAME')
+    assert calls == ['conv_gemm'] and not winograd_conv_applies(x.shape, kernel.shape, (1, 1), 'SAME')
     monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
     monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
     calls.clear()
     np.testing.assert_allclose(conv_hybrid(x, kernel), conv_xla(x, kernel), rtol=1e-4, atol=1e-4)
-    assert not calls
+    assert calls == ['conv_winograd']
 
 
 @pytest.mark.parametrize('shape,dtype,images', [
