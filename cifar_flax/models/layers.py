@@ -144,7 +144,8 @@ def conv_gemm(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'S
 
 @jax.custom_vjp
 def _pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x @ w over x's last axis (a 1x1 convolution), its kernel gradient taken as g^T @ x.
+    """x @ w over x's last axis (a 1x1 convolution, or conv_toeplitz's banded matmul), its
+    kernel gradient taken as g^T @ x.
 
     Autodiff's kernel gradient x^T @ g made XLA:CPU write g (or the fusion producing it, a
     BatchNorm backward) a second time, transposed, for its matmul (GoogLeNet at batch 128:
@@ -257,7 +258,11 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     for j in range(kw):
         band[j, np.arange(block) + j, np.arange(block)] = 1
     matrix = jnp.einsum('ijco,jax->iacxo', kernel, band.astype(kernel.dtype))
-    y = patches.reshape(n * out_h * blocks, kh * span * cin) @ matrix.reshape(kh * span * cin, block * cout)
+    # kernel gradient as g^T @ patches (_pointwise_matmul): LeNet-5 in one process, alternating
+    # rounds against autodiff's patches^T @ g: 1.03-1.06x at batch 32 (5-9 of 9-11 rounds faster),
+    # 1.01-1.08x at 128; GoogLeNet's and ResNet-18's stems level (0.96-1.01x)
+    y = _pointwise_matmul(patches.reshape(n * out_h * blocks, kh * span * cin),
+                          matrix.reshape(kh * span * cin, block * cout))
     return y.reshape(n, out_h, blocks * block, cout)[:, :, :out_w]
 
 
@@ -296,9 +301,9 @@ HYBRID_GEMM_MAX_CHANNELS = 8
 # AlexNet's 5x5 maps (25 pixels) lose at batch 128 (0.92x, 2/7; their Winograd path) and are level
 # at 32 (0.98x, 1.00x), so they stay out.
 # Since the Winograd kernel transforms became slice sums (6c4dcca), such maps go through Winograd
-# tiles where winograd_conv_applies (4x4 maps from batch 64 at 64+ channels): whole networks in one
+# tiles where winograd_conv_applies (4x4 maps from batch 32 at 64+ channels): whole networks in one
 # process, alternating rounds against im2col: VGG16 b128 1.14x (7 of 7 faster), ResNet-18 b128
-# 1.10x (6 of 7); at batch 32 (512 pixels) they stay im2col.
+# 1.10x (6 of 7); since WINOGRAD_MIN_PIXELS is 512, at batch 32 too.
 HYBRID_GEMM_MAX_MAP_PIXELS = 16
 _CANONICAL = ('NHWC', 'HWIO', 'NHWC')
 
@@ -387,8 +392,12 @@ WINOGRAD_MIN_SIZE = 4
 # b32 37-40 -> 33 ms (input gradient 35-39 -> 27-31), b128 96 -> 102 (98 -> 101), and whole
 # ResNet-18 steps faster at both batches (alternating A/B, median img/s: b32 21.1 -> 25.8, b128 19.7 -> 24.2),
 # VGG16 level or faster. Fewer channels lose: GoogLeNet's 16x16x16 and 8x8x32 b128 2.6-2.8 -> 3.7 ms.
+# 512 pixels since the kernel transforms became slice sums (6c4dcca): the 4x4x512 layers at batch 32
+# through Winograd tiles instead of im2col, whole networks in one process on the 2-core AVX-512 Xeon
+# (alternating rounds, median paired ratio against 1,024): ResNet-18 b32 1.03x (5 of 7 faster) and
+# 1.04x (7 of 7), VGG16 b32 1.08x (6 of 7); VGG16 b128, whose 2x2x512 maps it also takes, 1.02x (4 of 7).
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_PIXELS = 1024
+WINOGRAD_MIN_PIXELS = 512
 # ... and where at least this fraction of the 2x2 tiles' outputs are real: an odd 5x5 output takes
 # 3x3 tiles (6x6, 31% of them padding). AlexNet's 5x5x256-384 maps on the 2-core AVX-512 Xeon, whole
 # network in one process, alternating rounds: native forward and input gradient 1.10x and 1.09x faster
@@ -698,6 +707,21 @@ def conv_winograd_tiles(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding
     return _conv_winograd_tiles(x.astype(jnp.float32), kernel.astype(jnp.float32), tile).astype(x.dtype)
 
 
+def _gemm_kernel_grad(x, g, kernel_shape, strides, padding):
+    """im2col's kernel gradient as (g^T @ patches)^T, as _pointwise_matmul's: autodiff's
+    patches^T @ g made XLA:CPU write g transposed in the fusion producing it (the next
+    BatchNorm's backward: 8 ms for 32x16x16x128 in a ResNet-18 step at batch 32, 0.5 GB/s).
+    ResNet-18's strided 3x3s, whole network in one process (alternating rounds, median
+    paired ratio): 1.03x at batch 32 (6 of 7 rounds faster) and at 128 (5 of 7)."""
+    kh, kw, cin, cout = kernel_shape
+    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    patches = jnp.concatenate(list(_shifted_slices(xp, (kh, kw), strides, g.shape[1:3])), axis=-1)
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    dk_t = _fusion_barrier(lax.dot_general(rows(g), rows(patches), (((0,), (0,)), ((), ()))))
+    return dk_t.T.reshape(kh, kw, cin, cout)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_canonical(x, kernel, strides, padding, chunk):
     if winograd_conv_applies(x.shape, kernel.shape, strides, padding):
@@ -722,11 +746,10 @@ def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
     if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
         dk = _winograd_kernel_grad(x, g, padding)  # matmuls over all tiles: no need for batch slices
     elif strides != (1, 1):
-        # im2col's kernel gradient (patches^T @ g): the native form transposes x to (C, H, W, N),
-        # and XLA fuses x's producers (earlier layers' BatchNorm, adds, ReLU) into that transpose
-        # and recomputes them in its cache-hostile order: 12% of a ResNet-18 step in one layer.
-        _, gemm_vjp = jax.vjp(lambda k: conv_gemm(x, k, strides, padding), kernel)
-        dk, = gemm_vjp(g)
+        # im2col's kernel gradient: the native form transposes x to (C, H, W, N), and XLA fuses
+        # x's producers (earlier layers' BatchNorm, adds, ReLU) into that transpose and recomputes
+        # them in its cache-hostile order: 12% of a ResNet-18 step in one layer.
+        dk = _gemm_kernel_grad(x, g, kernel.shape, strides, padding)
     else:
         dk = sum(_conv_kernel_grad(x[b], g[b], kernel.shape[:2], strides, padding)
                  for b in _batch_slices(x.shape[0], min(chunk, HYBRID_KERNEL_GRAD_CHUNK)))
