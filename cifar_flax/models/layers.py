@@ -127,31 +127,42 @@ def conv_gemm(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'S
     pass is then two matmuls plus the pad/slice transposes.
     """
     kh, kw, cin, cout = kernel.shape
-    window, strides = (kh, kw), _pair(strides)
+    patches = _im2col(x, (kh, kw), _pair(strides), padding)
+    if kh == kw == 1 and jax.default_backend() == 'cpu':
+        return _pointwise_matmul(patches, kernel.reshape(cin, cout))
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
+                           (((3,), (0,)), ((), ())))
+
+
+def _im2col(x: jax.Array, window, strides, padding: str) -> jax.Array:
+    """The kh*kw shifted (strided) views of padded x concatenated on the channel axis, in the
+    (kh, kw, cin) order of a kernel; for 1x1 windows the one view, not copied."""
     pads = _pads(x.shape[1:3], window, strides, padding)
     if any(p != (0, 0) for p in pads):
         x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     out_hw = _out_hw(x.shape[1:3], window, strides)
-    if kh == kw == 1:
-        patches = x if strides == (1, 1) else next(_shifted_slices(x, window, strides, out_hw))
-        if jax.default_backend() == 'cpu':
-            return _pointwise_matmul(patches, kernel.reshape(cin, cout))
-    else:
-        patches = jnp.concatenate(list(_shifted_slices(x, window, strides, out_hw)), axis=-1)
-    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout),
-                           (((3,), (0,)), ((), ())))
+    if tuple(window) == (1, 1):
+        return x if tuple(strides) == (1, 1) else next(_shifted_slices(x, window, strides, out_hw))
+    return jnp.concatenate(list(_shifted_slices(x, window, strides, out_hw)), axis=-1)
+
+
+def _kernel_grad_gt(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T @ g over all leading axes (a matmul's kernel gradient), computed as (g^T @ x)^T.
+
+    Autodiff's x^T @ g made XLA:CPU write g (or the fusion producing it, a BatchNorm
+    backward) a second time, transposed, for its matmul; g^T @ x reads g as the
+    input-gradient matmul does, so g is written once. The barrier keeps XLA from folding
+    the final transpose back into the dot."""
+    rows = lambda a: a.reshape(-1, a.shape[-1])
+    return _fusion_barrier(lax.dot_general(rows(g), rows(x), (((0,), (0,)), ((), ())))).T
 
 
 @jax.custom_vjp
 def _pointwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w over x's last axis (a 1x1 convolution, or conv_toeplitz's banded matmul), its
-    kernel gradient taken as g^T @ x.
-
-    Autodiff's kernel gradient x^T @ g made XLA:CPU write g (or the fusion producing it, a
-    BatchNorm backward) a second time, transposed, for its matmul (GoogLeNet at batch 128:
-    0.6-1.3 ms per 1x1 layer). g^T @ x reads g as the input-gradient matmul does, so g is
-    written once, and its matmul ran faster (16x64 from 32768 rows: 1.5 against 2.4-2.9 ms);
-    the barrier keeps XLA from folding the final transpose back into the dot.
+    kernel gradient taken as g^T @ x (_kernel_grad_gt). Autodiff's x^T @ g had cost GoogLeNet
+    0.6-1.3 ms per 1x1 layer at batch 128 in g's transposed copy, and g^T @ x's matmul ran
+    faster too (16x64 from 32768 rows: 1.5 against 2.4-2.9 ms).
     """
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
@@ -162,10 +173,8 @@ def _pointwise_matmul_fwd(x, w):
 
 def _pointwise_matmul_bwd(residuals, g):
     x, w = residuals
-    rows = lambda a: a.reshape(-1, a.shape[-1])
     dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-    dw = _fusion_barrier(lax.dot_general(rows(g), rows(x), (((0,), (0,)), ((), ())))).T
-    return dx, dw
+    return dx, _kernel_grad_gt(x, g)
 
 
 _pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
@@ -260,7 +269,7 @@ def conv_toeplitz(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
     matrix = jnp.einsum('ijco,jax->iacxo', kernel, band.astype(kernel.dtype))
     # kernel gradient as g^T @ patches (_pointwise_matmul): LeNet-5 in one process, alternating
     # rounds against autodiff's patches^T @ g: 1.03-1.06x at batch 32 (5-9 of 9-11 rounds faster),
-    # 1.01-1.08x at 128; GoogLeNet's and ResNet-18's stems level (0.96-1.01x)
+    # 1.01-1.08x at 128; the stems of GoogLeNet, ResNet-18 and AlexNet level (0.96-1.01x)
     y = _pointwise_matmul(patches.reshape(n * out_h * blocks, kh * span * cin),
                           matrix.reshape(kh * span * cin, block * cout))
     return y.reshape(n, out_h, blocks * block, cout)[:, :, :out_w]
@@ -713,13 +722,7 @@ def _gemm_kernel_grad(x, g, kernel_shape, strides, padding):
     BatchNorm's backward: 8 ms for 32x16x16x128 in a ResNet-18 step at batch 32, 0.5 GB/s).
     ResNet-18's strided 3x3s, whole network in one process (alternating rounds, median
     paired ratio): 1.03x at batch 32 (6 of 7 rounds faster) and at 128 (5 of 7)."""
-    kh, kw, cin, cout = kernel_shape
-    pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    patches = jnp.concatenate(list(_shifted_slices(xp, (kh, kw), strides, g.shape[1:3])), axis=-1)
-    rows = lambda a: a.reshape(-1, a.shape[-1])
-    dk_t = _fusion_barrier(lax.dot_general(rows(g), rows(patches), (((0,), (0,)), ((), ()))))
-    return dk_t.T.reshape(kh, kw, cin, cout)
+    return _kernel_grad_gt(_im2col(x, kernel_shape[:2], strides, padding), g).reshape(kernel_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
