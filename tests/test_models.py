@@ -572,10 +572,11 @@ def test_winograd_kernel_transforms():
     g = np.asarray(layers.WINOGRAD_G)
     kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 5))
     tiles = np.random.default_rng(1).normal(size=(16, 4, 5))
-    np.testing.assert_allclose(layers._winograd_kernel_tiles(jnp.asarray(kernel, jnp.float32)),
+    np.testing.assert_allclose(jnp.stack(layers._winograd_kernel_tiles(jnp.asarray(kernel, jnp.float32))),
                                np.einsum('ri,ijck,sj->rsck', g, kernel, g).reshape(16, 4, 5), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layers._winograd_untile_kernel(jnp.asarray(tiles, jnp.float32)),
-                               np.einsum('ri,rsck,sj->ijck', g, tiles.reshape(4, 4, 4, 5), g), rtol=1e-5, atol=1e-6)
+    want = np.einsum('ri,rsck,sj->ijck', g, tiles.reshape(4, 4, 4, 5), g)
+    for given in (jnp.asarray(tiles, jnp.float32), list(jnp.asarray(tiles, jnp.float32))):  # a stack or a list
+        np.testing.assert_allclose(layers._winograd_untile_kernel(given), want, rtol=1e-5, atol=1e-6)
 
 
 def test_hybrid_winograd_forward_bfloat16_as_accurate_as_native(monkeypatch):

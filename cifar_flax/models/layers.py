@@ -463,22 +463,25 @@ def _winograd_tile_list(x: jax.Array, padding: str = 'SAME') -> list[jax.Array]:
     return tiles
 
 
-def _winograd_kernel_tiles(kernel: jax.Array) -> jax.Array:
-    """(3, 3, c, k) -> (16, c, k): G k G^T, as sums of kernel slices (rows, then columns).
+def _winograd_kernel_tiles(kernel: jax.Array) -> list[jax.Array]:
+    """(3, 3, c, k) -> 16 arrays (c, k): G k G^T, as sums of kernel slices (rows, then columns).
     XLA:CPU ran the same einsum as two matmuls of inner size 3 at a few GB/s: 137 of ResNet-18's
     1,347 ms a step at batch 32 (profiled; 60 transforms). With these sums (and _winograd_input_grad),
     whole networks in one process, alternating rounds on the 2-core AVX-512 Xeon: ResNet-18 b32
     1.14x (6 of 7 rounds faster), VGG16 b32 1.07x (7/7), b128 1.03x (6/7); ResNet-18 b128 and
-    AlexNet b128 level (1.00x, 0.99x)."""
+    AlexNet b128 level (1.00x, 0.99x).
+    A list, not a stack: each tile goes straight to its matmul, and the input gradient's
+    permutation of them is a reordering of the list instead of a gather (_winograd_input_grad)."""
     rows = [_lincomb(WINOGRAD_G[r], [kernel[i] for i in range(3)]) for r in range(4)]  # (3, c, k)
-    return jnp.stack([_lincomb(WINOGRAD_G[s], [row[j] for j in range(3)]) for row in rows for s in range(4)])
+    return [_lincomb(WINOGRAD_G[s], [row[j] for j in range(3)]) for row in rows for s in range(4)]
 
 
-def _winograd_untile_kernel(tiles: jax.Array) -> jax.Array:
-    """(16, c, k) -> (3, 3, c, k): G^T d G, the transpose of _winograd_kernel_tiles."""
+def _winograd_untile_kernel(tiles: Sequence[jax.Array]) -> jax.Array:
+    """16 tiles (c, k) (a list or a stack) -> (3, 3, c, k): G^T d G, the transpose of
+    _winograd_kernel_tiles."""
     gt = np.asarray(WINOGRAD_G).T
-    rows = [_lincomb(gt[i], [tiles[4 * r:4 * r + 4] for r in range(4)]) for i in range(3)]  # (4, c, k)
-    return jnp.stack([jnp.stack([_lincomb(gt[j], [row[s] for s in range(4)]) for j in range(3)]) for row in rows])
+    rows = [[_lincomb(gt[i], [tiles[4 * r + s] for r in range(4)]) for s in range(4)] for i in range(3)]
+    return jnp.stack([jnp.stack([_lincomb(gt[j], row) for j in range(3)]) for row in rows])
 
 
 def conv_winograd(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
@@ -495,21 +498,28 @@ def conv_winograd(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str 
 
 # Tile (r, s) of the flipped kernel is tile (P r, P s) of the kernel: G J = P G for the flip J.
 _WINOGRAD_FLIP = (3, 1, 2, 0)
-_WINOGRAD_FLIPPED_TILES = np.array([4 * _WINOGRAD_FLIP[r] + _WINOGRAD_FLIP[s] for r in range(4) for s in range(4)])
+_WINOGRAD_FLIPPED_TILES = tuple(4 * _WINOGRAD_FLIP[r] + _WINOGRAD_FLIP[s] for r in range(4) for s in range(4))
 
 
 def _winograd_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
     """d(conv)/dx of a 3x3 stride-1 SAME convolution by Winograd tiles: conv_winograd of g with the
     flipped, in/out-swapped kernel, its tiles taken from the kernel's own (permuted; each matmul
     contracts the tile's output-channel axis). Transforming the flipped, transposed kernel instead
-    read it in a cache-hostile order: ~2 ms per tile on ResNet-18's 256-channel layers."""
-    tiles = _winograd_kernel_tiles(kernel.astype(jnp.float32))[_WINOGRAD_FLIPPED_TILES]
-    return _conv_winograd_tiled(g, tiles, 'SAME', tiles_transposed=True)
+    read it in a cache-hostile order: ~2 ms per tile on ResNet-18's 256-channel layers.
+    Permuted as a list: a gather on the stacked tiles had cost 4-6 ms per 512-channel layer in
+    a ResNet-18 step at batch 32, and stacking them (and the kernel gradient's tiles) as much
+    again. Whole networks in one process, alternating rounds against the stacks: ResNet-18 b32
+    1.11x (7 of 9 rounds faster), VGG16 b32 1.08x (7/9), AlexNet b32 1.04x (6/9); at b128 level
+    (ResNet-18 0.97x and 1.04x in two runs, VGG16 0.99x, AlexNet 1.01x; GoogLeNet, whose 3x3s
+    take only the kernel gradient this way, 0.95x at b128 and 1.00x at b32, medians 488 / 480 and
+    544 / 531 img/s)."""
+    tiles = _winograd_kernel_tiles(kernel.astype(jnp.float32))
+    return _conv_winograd_tiled(g, [tiles[i] for i in _WINOGRAD_FLIPPED_TILES], 'SAME', tiles_transposed=True)
 
 
-def _conv_winograd_tiled(x: jax.Array, kernel_tiles: jax.Array, padding: str,
+def _conv_winograd_tiled(x: jax.Array, kernel_tiles: Sequence[jax.Array], padding: str,
                          tiles_transposed: bool = False) -> jax.Array:
-    """conv_winograd on the kernel's tiles (16, c, k), or (16, k, c) if ``tiles_transposed``."""
+    """conv_winograd on the kernel's 16 tiles (c, k), or (k, c) if ``tiles_transposed``."""
     out_dtype = x.dtype
     x = x.astype(jnp.float32)
     n, h, w, _ = x.shape
@@ -542,8 +552,8 @@ def _winograd_kernel_grad(x: jax.Array, g: jax.Array, padding: str = 'SAME') -> 
     # One (c x P) @ (P x k) matmul per tile position, each on its own transform's output:
     # stacking the 16 transforms for one batched matmul copies both (128 MiB each on ResNet-18's
     # 32x32x64 layers at batch 128) and measured 1.2x slower there, 1.3x on its 16x16x128 ones.
-    d_kernel_tiles = jnp.stack([lax.dot_general(t, d, (((0,), (0,)), ((), ())))
-                                for t, d in zip(_winograd_tile_list(x, padding), d_products)])  # (16, c, k)
+    d_kernel_tiles = [lax.dot_general(t, d, (((0,), (0,)), ((), ())))
+                      for t, d in zip(_winograd_tile_list(x, padding), d_products)]  # 16 x (c, k)
     return _winograd_untile_kernel(d_kernel_tiles)
 
 
