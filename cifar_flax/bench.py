@@ -138,6 +138,22 @@ def bench_model(model: str, batch: int, *, dtype: str = 'float32', conv: str = '
     return config, get_model(config.network, pool=pool, **config.model_options())
 
 
+def batch_indices(dataset, batch: int, num_batches: int):
+    """(num_batches, batch) int32 indices into the training split: real, distinct batches
+    (a fixed shuffle, repeated if the split is smaller than num_batches * batch)."""
+    import numpy as np
+
+    from cifar_flax import data as data_lib
+    order = np.asarray(data_lib.epoch_permutation(0, 0, len(dataset.train_images)))
+    return np.resize(order, num_batches * batch).reshape(num_batches, batch).astype(np.int32)
+
+
+def bench_optimizer(config, dataset, batch: int):
+    """The config's optimizer, its schedule sized to ``dataset``'s epochs at ``batch``."""
+    from cifar_flax import train
+    return train.make_optimizer(config, steps_per_epoch=max(1, len(dataset.train_images) // batch))
+
+
 def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,
               windows: int = 5, warmup: int = 2,
               dtype: str = 'float32', conv: str = 'auto', pool: str = 'auto', devices: int = 1,
@@ -169,15 +185,13 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     num_batches = steps if mode == 'scan' else min(steps or 20, 20, len(dataset.train_images) // batch)
     if num_batches < 1:
         raise ValueError(f'the training split ({len(dataset.train_images)} images) is smaller than one batch of {batch}')
-    # Real, distinct batches (a fixed shuffle); step mode cycles through them.
-    order = np.asarray(data_lib.epoch_permutation(0, 0, len(dataset.train_images)))
-    indices = np.resize(order, num_batches * batch).reshape(num_batches, batch).astype(np.int32)
+    indices = batch_indices(dataset, batch, num_batches)  # step mode cycles through them
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ('data',)) if devices > 1 else None
     shard = (lambda x: jax.device_put(x, NamedSharding(mesh, P('data')))) if mesh else jax.device_put
     replicate = (lambda x: jax.device_put(x, NamedSharding(mesh, P()))) if mesh else jax.device_put
 
-    tx = train.make_optimizer(config, steps_per_epoch=max(1, len(dataset.train_images) // batch))
+    tx = bench_optimizer(config, dataset, batch)
     state = replicate(train.create_train_state(config, net, tx))
     compute_dtype = jnp.dtype(dtype)
     images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)

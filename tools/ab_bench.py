@@ -76,15 +76,13 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
   log = log or sys.stderr
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from cifar_flax import bench, data as data_lib, train
+  from cifar_flax import bench, train
 
   config, net = bench.bench_model(model, batch)
-  order = np.asarray(data_lib.epoch_permutation(0, 0, len(dataset.train_images)))
-  indices = jnp.asarray(np.resize(order, steps * batch).reshape(steps, batch).astype(np.int32))
+  indices = jnp.asarray(bench.batch_indices(dataset, batch, steps))
   images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-  tx = train.make_optimizer(config, steps_per_epoch=max(1, len(dataset.train_images) // batch))
+  tx = bench.bench_optimizer(config, dataset, batch)
 
   runs = []
   for name, overrides in variants:
