@@ -115,11 +115,11 @@ def model_flops(config, tx, batch: int) -> tuple[float | None, float | None]:
     return per_image(train_flops), per_image(eval_flops)
 
 
-def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5) -> float:
-    """GFLOP/s of a float32 size x size matmul (median of ``repeats``)."""
+def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5, dtype: str = 'float32') -> float:
+    """GFLOP/s of a size x size matmul in ``dtype`` (median of ``repeats``)."""
     import jax
     import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda a: a @ a)
     matmul(a).block_until_ready()
     rate, _ = _median_rate(lambda: matmul(a).block_until_ready(), 1, repeats)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One short sitting on a lent GPU: the checks that need it, within a fixed time, in one call.
+#
+#   python tools/jpeg_pack.py pack ../shared/data/cifar10-jpeg .devdata/cifar10-jpeg.pack.npz
+#   (on the GPU box, .devdata carried)  bash tools/gpu_sitting.sh
+#
+# Each part has its own timeout, so one that hangs or runs long cannot eat the others; all
+# output goes to $OUT/log.txt, the bench records to $OUT/bench_gpu.{jsonl,md} as they finish,
+# and the run folders' histories to $OUT/runs.tgz. Parts, most important first:
+#   1. tests whose code paths differ on a GPU: conv 'xla' vs the GEMM forms (outputs and
+#      gradients), 'auto' resolving to XLA's convolution and pooling, the bench, exact resume;
+#   2. tools/gpu_bench.py: every network at batch 32 and 128 in float32, then bfloat16 and
+#      the GEMM convolution at batch 128 (does 'auto' = XLA's own hold on the GPU?);
+#   3. training through the experiment modules: LeNet-5 two epochs straight and one + one
+#      resumed (the histories must agree exactly), and one full ResNet-18 recipe epoch;
+#   4. experiments.sweep_speed: a sweep group vmapped (the GPU default) against looped and
+#      against separate runs.
+set -u
+export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export CIFAR_FLAX_CACHE=/tmp/cifar_flax_cache
+OUT=${OUT:-out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+DATA=/tmp/cifar10-jpeg
+part() { echo; echo "=== $1 (at ${SECONDS}s, $(date -u +%H:%M:%S) UTC)"; }
+
+part environment
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+python3 tools/jpeg_pack.py unpack .devdata/cifar10-jpeg.pack.npz $DATA || exit 1
+python3 -c "from cifar_flax.data import load_cifar10; d = load_cifar10('$DATA'); print('data', d.train_images.shape, d.test_images.shape)" || exit 1
+
+part "1. tests on the GPU"
+tests="tests/test_models.py tests/test_bench.py tests/test_train.py::test_resume_is_bitwise_identical
+  tests/test_train.py::test_dropout_and_batchnorm_network_resumes_exactly
+  tests/test_sweep.py::test_vmapped_members_match_separate_fits_and_outputs"
+timeout ${TESTS_S:-150} python3 -m pytest -q -rs -n 8 $tests
+if [ $? -eq 1 ]; then  # float32 convolutions and matmuls run as TF32 by default on NVIDIA GPUs
+  echo "--- the failures again at full float32 precision"
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 45 python3 -m pytest -q -rs -n 8 --lf $tests
+fi
+
+part "2. bench"
+timeout ${BENCH_S:-220} python3 tools/gpu_bench.py --data $DATA --out "$OUT/bench_gpu" --budget-s $(( ${BENCH_S:-220} - 40 )) \
+  --grid all:32,128:float32:auto --grid all:128:bfloat16:auto --grid all:128:float32:gemm
+
+part "3. training"
+common="--data $DATA --quiet --train-subset ${SUBSET:-20000}"
+timeout 60 python3 -m experiments.lenet5 $common --epochs 2 --workdir /tmp/runs/lenet5-straight
+timeout 60 python3 -m experiments.lenet5 $common --epochs 1 --workdir /tmp/runs/lenet5-resumed
+timeout 60 python3 -m experiments.lenet5 $common --epochs 2 --workdir /tmp/runs/lenet5-resumed
+python3 - <<'EOF'
+import json
+def timeless(path):
+  epochs = json.load(open(path))["epochs"]
+  return [{k: v for k, v in e.items() if k not in ("seconds", "test_seconds", "train_images_per_second")}
+          for e in epochs]
+a, b = (timeless(f"/tmp/runs/lenet5-{n}/history.json") for n in ("straight", "resumed"))
+print("resume on the GPU:", "histories identical" if a == b else f"DIFFER\n{a}\n{b}")
+EOF
+timeout 120 python3 -m experiments.resnet18 --protocol recipe --data $DATA --quiet --epochs 1 --workdir /tmp/runs/resnet18-recipe-1epoch
+tar czf "$OUT/runs.tgz" --exclude checkpoints -C /tmp runs
+
+part "4. sweep group: vmap vs loop vs separate runs"
+timeout ${SWEEP_S:-70} python3 -m experiments.sweep_speed --data $DATA --train-subset 10000 | tee "$OUT/sweep_speed_gpu.json"
+
+part done
+ls -la "$OUT"
