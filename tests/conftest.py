@@ -35,6 +35,21 @@ def _share_compiled_programs():
 _share_compiled_programs()
 
 
+def _full_float32_precision():
+  """The tests compare implementations (XLA's convolution against the GEMM forms, bfloat16
+  against float32) within float32 tolerances. On NVIDIA GPUs since Ampere, JAX's default
+  precision computes float32 matmuls and convolutions as TF32 (10-bit mantissas), about 1e-3
+  off, which training tolerates but those comparisons would not; on the CPU this setting
+  changes nothing (a ResNet-18's outputs and gradients are bitwise the same). Set in the
+  environment too, for xdist workers and child processes."""
+  import jax
+  os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+  jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+
+
+_full_float32_precision()
+
+
 def make_tiny_dataset(num_train=256, num_test=100, seed=0, noise=40):
   """Ten classes, each a fixed random colour pattern plus noise: learnable in a
   few hundred steps, yet real uint8 images with canonical class names."""
