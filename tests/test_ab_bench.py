@@ -16,6 +16,11 @@ SPEC.loader.exec_module(ab_bench)
 
 def test_parse_variant():
   assert ab_bench.parse_variant("base") == ("base", {})
+  # XLA options are compile options, not module attributes: not looked up in cifar_flax.
+  spec = 'serial:{"xla_cpu_multi_thread_eigen": false, "models.layers.HYBRID_CONV_CHUNK": 64}'
+  name, overrides = ab_bench.parse_variant(spec)
+  assert ab_bench.split_overrides(overrides) == (
+      {"models.layers.HYBRID_CONV_CHUNK": 64}, {"xla_cpu_multi_thread_eigen": False})
   assert ab_bench.parse_variant('wide:{"models.layers.HYBRID_CONV_CHUNK": 64}') == (
       "wide", {"models.layers.HYBRID_CONV_CHUNK": 64})
 
@@ -53,3 +58,13 @@ def test_compare_records_paired_rounds(capsys):
   assert native["first_loss_sum"] == pytest.approx(base["first_loss_sum"], rel=1e-4)
   assert layers.HYBRID_GEMM_MAX_CHANNELS == 8  # restored after tracing
   assert capsys.readouterr().err.count("round ") == 2
+
+
+def test_compare_passes_xla_options_to_the_compile():
+  variants = [ab_bench.parse_variant("base"),
+              ab_bench.parse_variant('serial:{"xla_cpu_multi_thread_eigen": false}')]
+  base, serial = ab_bench.compare("lenet5", 4, 2, 1, variants, make_tiny_dataset(16, 10))
+  assert serial["first_loss_sum"] == pytest.approx(base["first_loss_sum"], rel=1e-4)
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    ab_bench.compare("lenet5", 4, 2, 1, [ab_bench.parse_variant('x:{"xla_no_such_option": 1}')],
+                     make_tiny_dataset(16, 10))

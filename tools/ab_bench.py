@@ -7,7 +7,9 @@
 Each variant is NAME or NAME:{JSON}, the JSON mapping MODULE.ATTR (a module under
 `cifar_flax`) to the value that attribute takes while the variant's training chunk is
 traced and compiled (module-level thresholds and switches are read at trace time), restored
-after. Every variant's chunk (`bench --mode scan`'s: STEPS real Adam steps in one
+after, or an XLA option (a key starting with 'xla_', e.g. "xla_cpu_multi_thread_eigen": false)
+to the value it is compiled with (`compile(compiler_options=...)`: this chunk only, where
+XLA_FLAGS would set it for the whole process). Every variant's chunk (`bench --mode scan`'s: STEPS real Adam steps in one
 `lax.scan`) is compiled side by side in one process; then each round calls every variant
 once, in turn. This machine's swings (a third of a cell from one window to the next) then hit
 all variants alike, which separate processes minutes apart do not: the figure that matters is
@@ -32,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+XLA_PREFIX = "xla_"
+
 
 def parse_variant(spec: str) -> tuple[str, dict]:
   name, _, overrides = spec.partition(":")
@@ -41,8 +45,15 @@ def parse_variant(spec: str) -> tuple[str, dict]:
   if not isinstance(overrides, dict):
     raise ValueError(f"variant {name!r}: overrides must be a JSON object, got {overrides!r}")
   for key in overrides:
-    _target(key)  # fail before any compiling
+    if not key.startswith(XLA_PREFIX):
+      _target(key)  # fail before any compiling
   return name, overrides
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+  """-> (module attribute overrides, XLA compiler options)."""
+  xla = {k: v for k, v in overrides.items() if k.startswith(XLA_PREFIX)}
+  return {k: v for k, v in overrides.items() if k not in xla}, xla
 
 
 def _target(key: str):
@@ -86,10 +97,11 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
 
   runs = []
   for name, overrides in variants:
-    with overridden(overrides):
+    attrs, xla_options = split_overrides(overrides)
+    with overridden(attrs):
       state = train.create_train_state(config, net, tx)
       chunk = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0)
-      compiled = chunk.lower(state, images, labels, indices).compile()
+      compiled = chunk.lower(state, images, labels, indices).compile(compiler_options=xla_options or None)
     state, sums = compiled(state, images, labels, indices)  # also the warm-up
     runs.append({"variant": name, "overrides": overrides, "compiled": compiled, "state": state,
                  "first_loss_sum": float(sums["loss_sum"]), "rates": []})
