@@ -34,7 +34,7 @@ tests="tests/test_models.py tests/test_bench.py tests/test_train.py::test_resume
   tests/test_train.py::test_dropout_and_batchnorm_network_resumes_exactly
   tests/test_sweep.py::test_vmapped_members_match_separate_fits_and_outputs"
 # (tests/conftest.py runs them at full float32 precision: JAX's default is TF32 on these GPUs.)
-timeout ${TESTS_S:-150} python3 -m pytest -q -rs -n 8 -p no:cacheprovider $tests
+timeout ${TESTS_S:-150} python3 -m pytest -v --tb=short -rs -n 8 -p no:cacheprovider $tests  # -v: each result is in the log even if the timeout cuts the run
 
 part "2. bench"
 timeout ${BENCH_S:-220} python3 tools/gpu_bench.py --data $DATA --out "$OUT/bench_gpu" --budget-s $(( ${BENCH_S:-220} - 40 )) \
