@@ -19,15 +19,16 @@ set -u
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export CIFAR_FLAX_CACHE=/tmp/cifar_flax_cache
 OUT=${OUT:-out}; mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
 DATA=/tmp/cifar10-jpeg
 part() { echo; echo "=== $1 (at ${SECONDS}s, $(date -u +%H:%M:%S) UTC)"; }
+
+sitting() {
 
 part environment
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-python3 tools/jpeg_pack.py unpack .devdata/cifar10-jpeg.pack.npz $DATA || exit 1
-python3 -c "from cifar_flax.data import load_cifar10; d = load_cifar10('$DATA'); print('data', d.train_images.shape, d.test_images.shape)" || exit 1
+python3 tools/jpeg_pack.py unpack .devdata/cifar10-jpeg.pack.npz $DATA || return 1
+python3 -c "from cifar_flax.data import load_cifar10; d = load_cifar10('$DATA'); print('data', d.train_images.shape, d.test_images.shape)" || return 1
 
 part "1. tests on the GPU"
 tests="tests/test_models.py tests/test_bench.py tests/test_train.py::test_resume_is_bitwise_identical
@@ -62,3 +63,6 @@ timeout ${SWEEP_S:-70} python3 -m experiments.sweep_speed --data $DATA --train-s
 
 part done
 ls -la "$OUT"
+}
+
+sitting 2>&1 | tee "$OUT/log.txt"  # a pipeline: the log is complete when the script returns
