@@ -56,7 +56,7 @@ a, b = (timeless(f"/tmp/runs/lenet5-{n}/history.json") for n in ("straight", "re
 print("resume on the GPU:", "histories identical" if a == b else f"DIFFER\n{a}\n{b}")
 EOF
 timeout 120 python3 -m experiments.resnet18 --protocol recipe --data $DATA --quiet --epochs 1 --workdir /tmp/runs/resnet18-recipe-1epoch
-tar czf "$OUT/runs.tgz" --exclude checkpoints -C /tmp runs
+tar czf "$OUT/runs.tgz" --exclude checkpoints --exclude inference -C /tmp runs  # params stay: a ResNet-18 is 45 MB, over what comes back
 
 part "4. sweep group: vmap vs loop vs separate runs"
 timeout ${SWEEP_S:-70} python3 -m experiments.sweep_speed --data $DATA --train-subset 10000 | tee "$OUT/sweep_speed_gpu.json"
