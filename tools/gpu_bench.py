@@ -31,24 +31,25 @@ PEAK_SIZE = 8192
 def parse_grid(spec: str) -> list[tuple[str, int, str, str]]:
   """'lenet5,vgg16:32,128:float32:auto' -> [(model, batch, dtype, conv), ...]."""
   from cifar_flax.models import CONV_IMPLS, MODEL_NAMES, canonical_name
-  from cifar_flax.models.layers import DTYPES
+  from cifar_flax.models.layers import check_impl, get_dtype
   parts = spec.split(":")
   if len(parts) != 4:
     raise ValueError(f"grid {spec!r} is not MODELS:BATCHES:DTYPES:CONVS")
   models, batches, dtypes, convs = (p.split(",") for p in parts)
-  models = list(MODEL_NAMES) if models == ["all"] else [canonical_name(m) for m in models]
   try:
     batches = [int(b) for b in batches]
   except ValueError:
     raise ValueError(f"grid {spec!r}: batches must be integers") from None
-  if min(batches) < 1:
-    raise ValueError(f"grid {spec!r}: batches must be positive")
-  for dtype in dtypes:
-    if dtype not in DTYPES:
-      raise ValueError(f"grid {spec!r}: unknown dtype {dtype!r}; valid: {sorted(DTYPES)}")
-  for conv in convs:
-    if conv not in CONV_IMPLS:
-      raise ValueError(f"grid {spec!r}: unknown conv {conv!r}; valid: {list(CONV_IMPLS)}")
+  try:  # the library's own checks, named by the grid they came from
+    models = list(MODEL_NAMES) if models == ["all"] else [canonical_name(m) for m in models]
+    if min(batches) < 1:
+      raise ValueError("batches must be positive")
+    for dtype in dtypes:
+      get_dtype(dtype)
+    for conv in convs:
+      check_impl(conv, CONV_IMPLS, "conv")
+  except ValueError as error:
+    raise ValueError(f"grid {spec!r}: {error}") from None
   return [(m, b, d, c) for m in models for b in batches for d in dtypes for c in convs]
 
 
@@ -64,13 +65,12 @@ def table(records: list[dict], peaks: dict, command: str) -> str:
       + "; float32 is JAX's default precision (TF32 on NVIDIA GPUs).", "",
       "| network | batch | dtype | conv | train img/s | eval img/s | train TFLOP/s | of peak | compile s |",
       "|---|---|---|---|---|---|---|---|---|"]
-  for r in records:
-    tflops = r["train_flops_per_image"] * r["train_img_s"] / 1e12 if r["train_flops_per_image"] else None
-    peak = peaks.get(r["dtype"])
+  for r in records:  # train_gflops and flops_fraction: run_bench's and main's, None without FLOPs
+    tflops = "" if r["train_gflops"] is None else f"{r['train_gflops'] / 1e3:.2f}"
+    of_peak = "" if r["flops_fraction"] is None else f"{r['flops_fraction']:.1%}"
     lines.append(
         f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['conv_resolved']} | {r['train_img_s']:,.0f} "
-        f"| {r['eval_img_s']:,.0f} | {'' if tflops is None else f'{tflops:.2f}'} "
-        f"| {'' if tflops is None or not peak else f'{tflops * 1e3 / peak:.1%}'} | {r['compile_s']} |")
+        f"| {r['eval_img_s']:,.0f} | {tflops} | {of_peak} | {r['compile_s']} |")
   return "\n".join(lines) + "\n"
 
 

@@ -48,11 +48,8 @@ timeout 60 python3 -m experiments.lenet5 $common --epochs 1 --workdir /tmp/runs/
 timeout 60 python3 -m experiments.lenet5 $common --epochs 2 --workdir /tmp/runs/lenet5-resumed
 python3 - <<'EOF'
 import json
-def timeless(path):
-  epochs = json.load(open(path))["epochs"]
-  return [{k: v for k, v in e.items() if k not in ("seconds", "test_seconds", "train_images_per_second")}
-          for e in epochs]
-a, b = (timeless(f"/tmp/runs/lenet5-{n}/history.json") for n in ("straight", "resumed"))
+from tests.test_train import timeless  # the resume tests' comparison: histories without timings
+a, b = (timeless(json.load(open(f"/tmp/runs/lenet5-{n}/history.json"))) for n in ("straight", "resumed"))
 print("resume on the GPU:", "histories identical" if a == b else f"DIFFER\n{a}\n{b}")
 EOF
 timeout 120 python3 -m experiments.resnet18 --protocol recipe --data $DATA --quiet --epochs 1 --workdir /tmp/runs/resnet18-recipe-1epoch
