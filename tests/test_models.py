@@ -169,12 +169,13 @@ CONV_CONFIGS = [
     (3, 2, 'SAME', 8, 16, 8),     # resnet downsampling
     # above HYBRID_GEMM_MAX_CHANNELS: the hybrid impl's native-convolution path
     (3, 1, 'SAME', 12, 16, 5),
-    (3, 1, 'SAME', 12, 16, 9),    # >= WINOGRAD_MIN_SIZE: Winograd kernel gradient, odd size
+    (3, 1, 'SAME', 12, 16, 9),    # >= WINOGRAD_MIN_SIZE, < WINOGRAD_KERNEL_GRAD_MIN_CHANNELS: native kernel gradient
+    (3, 1, 'SAME', 32, 32, 9),    # Winograd kernel gradient, odd size
     (3, 2, 'SAME', 12, 16, 10),   # 5x5 output: above HYBRID_GEMM_MAX_MAP_PIXELS
     (3, 2, 'SAME', 12, 16, 8),    # 4x4 output: one im2col/matmul
     (3, 1, 'SAME', 12, 16, 4),    # the same, stride 1
     (5, 1, 'VALID', 12, 8, 9),
-    (3, 1, 'VALID', 12, 16, 9),   # alexnet8 conv 2: Winograd kernel gradient of a VALID conv, odd size
+    (3, 1, 'VALID', 32, 48, 9),   # alexnet8 conv 2: Winograd kernel gradient of a VALID conv, odd size
     # >= WINOGRAD_MIN_CHANNELS and WINOGRAD_MIN_PIXELS (batch 2): Winograd forward and input gradient too
     (3, 1, 'SAME', 96, 128, 24),
     (3, 1, 'VALID', 96, 96, 25),  # odd output size
@@ -464,12 +465,13 @@ def test_hybrid_bfloat16_kernel_grad_as_accurate_as_native():
 def test_winograd_only_where_it_applies():
     with pytest.raises(ValueError, match='3x3'):
         conv_winograd(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2)), (2, 2))
-    size = WINOGRAD_MIN_SIZE
-    assert winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME')
-    assert not winograd_kernel_grad_applies((size - 1, size), (3, 3), (1, 1), 'SAME')
-    assert not winograd_kernel_grad_applies((size, size), (3, 3), (2, 2), 'SAME')
-    assert winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID')
-    assert not winograd_kernel_grad_applies((size, size), (5, 5), (1, 1), 'SAME')
+    size, wide = WINOGRAD_MIN_SIZE, layers.WINOGRAD_KERNEL_GRAD_MIN_CHANNELS
+    assert winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME', wide)
+    assert not winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME', wide - 1)
+    assert not winograd_kernel_grad_applies((size - 1, size), (3, 3), (1, 1), 'SAME', wide)
+    assert not winograd_kernel_grad_applies((size, size), (3, 3), (2, 2), 'SAME', wide)
+    assert winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID', wide)
+    assert not winograd_kernel_grad_applies((size, size), (5, 5), (1, 1), 'SAME', wide)
     channels, pixels = layers.WINOGRAD_MIN_CHANNELS, layers.WINOGRAD_MIN_PIXELS
     assert winograd_conv_applies((pixels // 16, 4, 4, channels), (3, 3, channels, channels), (1, 1), 'SAME')
     assert winograd_conv_applies((pixels // 16, 6, 6, channels), (3, 3, channels, channels), (1, 1), 'VALID')
@@ -556,12 +558,13 @@ def test_hybrid_winograd_conv_matches_native(shape, padding, monkeypatch):
     monkeypatch.setattr(layers, 'WINOGRAD_MIN_CHANNELS', 1)
     monkeypatch.setattr(layers, 'WINOGRAD_MIN_PIXELS', 1)
     monkeypatch.setattr(layers, 'WINOGRAD_MIN_TILE_USE', 0)
+    monkeypatch.setattr(layers, 'WINOGRAD_KERNEL_GRAD_MIN_CHANNELS', 1)
     n, h, w, cin, cout = shape
     kx, kk = jax.random.split(jax.random.key(h * w + cin))
     x = jax.random.normal(kx, (n, h, w, cin))
     kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
     assert winograd_conv_applies(x.shape, kernel.shape, (1, 1), padding)
-    assert winograd_kernel_grad_applies((h, w), (3, 3), (1, 1), padding)
+    assert winograd_kernel_grad_applies((h, w), (3, 3), (1, 1), padding, min(cin, cout))
     loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), padding))), (0, 1)))
     for ours, want in zip(jax.tree.leaves(loss(conv_hybrid)(x, kernel)), jax.tree.leaves(loss(conv_xla)(x, kernel))):
         np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)

@@ -587,10 +587,22 @@ def _on_batch_slices(fn, x, chunk: int, *sliced):
                            axis=0)
 
 
-def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str) -> bool:
+# With 16 channels the kernel gradient's tile transforms, elementwise passes over rows of 16 floats
+# (which XLA:CPU runs 2-3x slower per element than long rows), cost more than the multiplies they
+# save: forward and both gradients in lax.scan, native kernel gradient against Winograd (AVX2 EPYC,
+# 2026-12-04): 16x16x16 at batch 128 0.83x the time, 32x32x16 0.74x, at batch 32 0.95x / 0.92x;
+# 8x8x32 level at 128 (0.99x), Winograd's 1.17x faster at 32. GoogLeNet (its two 16x16x16 3x3s), in
+# one process (tools/ab_bench.py, median paired ratio, rounds faster): batch 128 1.014x (7 of 11) and
+# 1.05x (7 of 11), batch 32 1.043x (6 of 11).
+WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 32
+
+
+def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str, channels: int) -> bool:
     """Whether the 'hybrid' conv takes this layer's kernel gradient through Winograd tiles:
-    3x3, stride 1, SAME or VALID, on maps of at least WINOGRAD_MIN_SIZE."""
-    return _winograd_shape(kernel_hw, strides, padding) and min(in_hw) >= WINOGRAD_MIN_SIZE
+    3x3, stride 1, SAME or VALID, on maps of at least WINOGRAD_MIN_SIZE, ``channels`` (the
+    smaller of in and out) at least WINOGRAD_KERNEL_GRAD_MIN_CHANNELS."""
+    return (_winograd_shape(kernel_hw, strides, padding) and min(in_hw) >= WINOGRAD_MIN_SIZE
+            and channels >= WINOGRAD_KERNEL_GRAD_MIN_CHANNELS)
 
 
 # Winograd F(4x4, 5x5) for 'same' 5x5 convolutions of WINOGRAD_TILES_MIN_CHANNELS or more (GoogLeNet's
@@ -756,7 +768,7 @@ def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
         dx = _winograd_input_grad(jnp.pad(g, ((0, 0), (edge, edge), (edge, edge), (0, 0))), kernel)
     else:
         dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
-    if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
+    if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding, min(kernel.shape[2:])):
         dk = _winograd_kernel_grad(x, g, padding)  # matmuls over all tiles: no need for batch slices
     elif strides != (1, 1):
         # im2col's kernel gradient: the native form transposes x to (C, H, W, N), and XLA fuses
@@ -784,9 +796,10 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     images (default: HYBRID_CONV_CHUNK, fewer where a slice's input would pass
     HYBRID_SLICE_BYTES), with a custom VJP whose input and kernel gradients are written as
     canonical NHWC/HWIO convolutions, except the kernel gradient of 3x3 stride-1
-    SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE, which goes through Winograd
-    F(2x2, 3x3) tiles (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution
-    costs several times its forward there; strided layers take im2col's kernel gradient.
+    SAME or VALID layers on maps of at least WINOGRAD_MIN_SIZE with at least
+    WINOGRAD_KERNEL_GRAD_MIN_CHANNELS, which goes through Winograd F(2x2, 3x3) tiles
+    (_winograd_kernel_grad): XLA:CPU's kernel-gradient convolution costs several times its
+    forward there; strided layers take im2col's kernel gradient.
     Wide 3x3 stride-1 layers with enough output pixels (winograd_conv_applies: VGG16's and
     ResNet-18's 64- to 256-channel stages, AlexNet's 12x12-output 3x3) also run their
     forward and input gradient through Winograd tiles (conv_winograd).
