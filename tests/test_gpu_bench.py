@@ -47,7 +47,9 @@ def test_tiny_sitting_writes_records_and_table(tmp_path, monkeypatch, capsys):
   assert [(r["model"], r["batch"], r["conv"]) for r in records] == [("lenet5", 8, "auto"), ("lenet5", 8, "xla")]
   for r in records:
     assert r["train_img_s"] > 0 and r["eval_img_s"] > 0 and r["peak_gflops"] > 0
-    assert r["flops_fraction"] == pytest.approx(r["train_gflops"] / r["peak_gflops"], rel=0.01)
+    # the fraction of the figures in the record (with --peak-size 64 the peak is a few GFLOP/s,
+    # where rounding it to 0.1 moves a fraction computed from the unrounded peak by over 1%)
+    assert r["flops_fraction"] == pytest.approx(r["train_gflops"] / r["peak_gflops"], rel=1e-3)
   table = out.with_suffix(".md").read_text()
   assert table.count("| lenet5 | 8 | float32 |") == 2 and "bfloat16" in table
 

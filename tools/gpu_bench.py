@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     record = run_bench(model, batch, steps=args.steps, windows=args.windows, dtype=dtype, conv=conv,
                        mode="scan", dataset=dataset)
     record["peak_gflops"] = round(peaks[dtype], 1)
-    if record["train_gflops"]:
-      record["flops_fraction"] = round(record["train_gflops"] / peaks[dtype], 4)
+    if record["train_gflops"]:  # from the record's own figures, as run_bench computes it
+      record["flops_fraction"] = round(record["train_gflops"] / record["peak_gflops"], 4)
     records.append(record)
     with jsonl.open("a") as f:
       f.write(json.dumps(record) + "\n")
