@@ -5,8 +5,8 @@
 
 Compiles `bench --mode scan`'s training chunk (STEPS real Adam steps in one `lax.scan`), calls
 it twice to warm up and --calls times for the wall time a step, then once more under
-`jax.profiler.trace`. The trace's events are the executed HLO instructions (on the CPU each
-thunk; on a GPU each kernel event carries its instruction's name too); each is joined with the
+`jax.profiler.trace`. On the CPU the trace's events are the executed HLO instructions (each
+thunk; not tried on a GPU, whose kernel events may be named otherwise); each is joined with the
 compiled module's text: output shape, kind (`matmul`: dots, convolutions and YNNPACK fusions,
 `elementwise`: every other fusion and op) and the layer its metadata names, forward or
 backward. Control instructions (while, conditional, call) are left out of the sums: their
