@@ -198,8 +198,9 @@ def report(result: dict, top: int) -> str:
   describe = lambda op: f"{op['shape']:24s} {op['pass']:8s} {op['layer']}  [{op['op']}]"
   lines += [f"  {op['ms']:8.3f}  {op['kind']:11s} {describe(op)}" for op in result["ops"][:top]]
   if result["async_ops"]:
-    lines += ["", f"ops that finished well after their event (asynchronous: their work is not in the "
-                  f"sums above), dispatch to completion, waiting included (ms a step; top {top}):"]
+    lines += ["", f"ops that finished well after their event (asynchronous: their own events above "
+                  f"may miss part of their work), dispatch to completion, waiting included (ms a step; "
+                  f"top {top}):"]
     lines += [f"  {op['latency_ms']:8.3f}  {op['kind']:11s} {describe(op)}" for op in result["async_ops"][:top]]
   lines += ["", f"layers (ms a step: forward / backward; top {top}):"]
   for layer, passes in list(result["layers"].items())[:top]:
