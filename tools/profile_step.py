@@ -75,13 +75,11 @@ def describe_op_name(op_name: str) -> tuple[str, str]:
   """'jit(train_chunk)/while/body/closed_call/transpose(jvp(LeNet5))/Conv_0/dot_general'
   -> ('Conv_0', 'backward'): the Flax submodules on the path; ops outside the model (loss,
   optimizer, data) -> ('(outside the model)', 'other')."""
-  for start in range(len(op_name)):
-    if op_name.startswith(("jvp(", "transpose(jvp("), start):
-      match = MODEL_SCOPE.match(op_name, start)
-      if match:
-        modules = [part for part in match[3].split("/") if FLAX_MODULE.match(part)]
-        return "/".join(modules) or "(model, top level)", "backward" if match[1] else "forward"
-  return "(outside the model)", "other"
+  match = MODEL_SCOPE.search(op_name)  # the leftmost: transpose(jvp(...)) before its inner jvp(
+  if not match:
+    return "(outside the model)", "other"
+  modules = [part for part in match[3].split("/") if FLAX_MODULE.match(part)]
+  return "/".join(modules) or "(model, top level)", "backward" if match[1] else "forward"
 
 
 def minor_dim(shape: str) -> str:
