@@ -154,6 +154,18 @@ def bench_optimizer(config, dataset, batch: int):
     return train.make_optimizer(config, steps_per_epoch=max(1, len(dataset.train_images) // batch))
 
 
+def scan_chunk_setup(model: str, batch: int, steps: int, dataset, conv: str = 'auto'):
+    """What `--mode scan` trains, for tools that compile and call its chunk in their own process
+    (tools/ab_bench.py, tools/profile_step.py): (config, network, optimizer, chunk_args), where
+    chunk_args = (images, labels, indices) on the device, indices ``steps`` real batches; the
+    chunk is ``jax.jit(train.make_train_chunk(network, optimizer, config))(state, *chunk_args)``."""
+    import jax.numpy as jnp
+    config, net = bench_model(model, batch, conv=conv)
+    chunk_args = (jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
+                  jnp.asarray(batch_indices(dataset, batch, steps)))
+    return config, net, bench_optimizer(config, dataset, batch), chunk_args
+
+
 def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,
               windows: int = 5, warmup: int = 2,
               dtype: str = 'float32', conv: str = 'auto', pool: str = 'auto', devices: int = 1,

@@ -86,14 +86,10 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
   Per-round rates go to ``log`` (default: stderr)."""
   log = log or sys.stderr
   import jax
-  import jax.numpy as jnp
 
   from cifar_flax import bench, train
 
-  config, net = bench.bench_model(model, batch)
-  indices = jnp.asarray(bench.batch_indices(dataset, batch, steps))
-  images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-  tx = bench.bench_optimizer(config, dataset, batch)
+  config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset)
 
   runs = []
   for name, overrides in variants:
@@ -101,14 +97,14 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
     with overridden(attrs):
       state = train.create_train_state(config, net, tx)
       chunk = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0)
-      compiled = chunk.lower(state, images, labels, indices).compile(compiler_options=xla_options or None)
-    state, sums = compiled(state, images, labels, indices)  # also the warm-up
+      compiled = chunk.lower(state, *chunk_args).compile(compiler_options=xla_options or None)
+    state, sums = compiled(state, *chunk_args)  # also the warm-up
     runs.append({"variant": name, "overrides": overrides, "compiled": compiled, "state": state,
                  "first_loss_sum": float(sums["loss_sum"]), "rates": []})
   for r in range(rounds):
     for run in runs:
       start = time.perf_counter()
-      run["state"], sums = run["compiled"](run["state"], images, labels, indices)
+      run["state"], sums = run["compiled"](run["state"], *chunk_args)
       jax.block_until_ready((run["state"], sums))
       run["rates"].append(steps * batch / (time.perf_counter() - start))
     print(f"round {r}: " + "  ".join(f"{run['variant']} {run['rates'][-1]:.1f}" for run in runs),

@@ -155,20 +155,16 @@ def summarize(events: list[dict], instructions: dict[str, dict], steps: int) -> 
 
 def profile(model: str, batch: int, steps: int, calls: int, dataset, conv: str = "auto") -> dict:
   import jax
-  import jax.numpy as jnp
 
   from cifar_flax import bench, train
 
-  config, net = bench.bench_model(model, batch, conv=conv)
-  indices = jnp.asarray(bench.batch_indices(dataset, batch, steps))
-  images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-  tx = bench.bench_optimizer(config, dataset, batch)
+  config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset, conv)
   state = train.create_train_state(config, net, tx)
   compiled = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0).lower(
-      state, images, labels, indices).compile()
+      state, *chunk_args).compile()
 
   def call(state):
-    state, sums = compiled(state, images, labels, indices)
+    state, sums = compiled(state, *chunk_args)
     return jax.block_until_ready((state, sums))[0]
 
   for _ in range(2):
