@@ -466,12 +466,13 @@ def test_winograd_only_where_it_applies():
     with pytest.raises(ValueError, match='3x3'):
         conv_winograd(jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2)), (2, 2))
     size, wide = WINOGRAD_MIN_SIZE, layers.WINOGRAD_KERNEL_GRAD_MIN_CHANNELS
-    assert winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME', wide)
-    assert not winograd_kernel_grad_applies((size, size + 3), (3, 3), (1, 1), 'SAME', wide - 1)
-    assert not winograd_kernel_grad_applies((size - 1, size), (3, 3), (1, 1), 'SAME', wide)
-    assert not winograd_kernel_grad_applies((size, size), (3, 3), (2, 2), 'SAME', wide)
-    assert winograd_kernel_grad_applies((size, size), (3, 3), (1, 1), 'VALID', wide)
-    assert not winograd_kernel_grad_applies((size, size), (5, 5), (1, 1), 'SAME', wide)
+    assert winograd_kernel_grad_applies((size, size + 3), (3, 3, wide, wide), (1, 1), 'SAME')
+    assert not winograd_kernel_grad_applies((size, size + 3), (3, 3, wide - 1, wide), (1, 1), 'SAME')
+    assert not winograd_kernel_grad_applies((size, size + 3), (3, 3, wide, wide - 1), (1, 1), 'SAME')
+    assert not winograd_kernel_grad_applies((size - 1, size), (3, 3, wide, wide), (1, 1), 'SAME')
+    assert not winograd_kernel_grad_applies((size, size), (3, 3, wide, wide), (2, 2), 'SAME')
+    assert winograd_kernel_grad_applies((size, size), (3, 3, wide, wide), (1, 1), 'VALID')
+    assert not winograd_kernel_grad_applies((size, size), (5, 5, wide, wide), (1, 1), 'SAME')
     channels, pixels = layers.WINOGRAD_MIN_CHANNELS, layers.WINOGRAD_MIN_PIXELS
     assert winograd_conv_applies((pixels // 16, 4, 4, channels), (3, 3, channels, channels), (1, 1), 'SAME')
     assert winograd_conv_applies((pixels // 16, 6, 6, channels), (3, 3, channels, channels), (1, 1), 'VALID')
@@ -564,7 +565,7 @@ def test_hybrid_winograd_conv_matches_native(shape, padding, monkeypatch):
     x = jax.random.normal(kx, (n, h, w, cin))
     kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
     assert winograd_conv_applies(x.shape, kernel.shape, (1, 1), padding)
-    assert winograd_kernel_grad_applies((h, w), (3, 3), (1, 1), padding, min(cin, cout))
+    assert winograd_kernel_grad_applies((h, w), kernel.shape, (1, 1), padding)
     loss = lambda fn: jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k, (1, 1), padding))), (0, 1)))
     for ours, want in zip(jax.tree.leaves(loss(conv_hybrid)(x, kernel)), jax.tree.leaves(loss(conv_xla)(x, kernel))):
         np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)

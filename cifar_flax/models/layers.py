@@ -597,12 +597,12 @@ def _on_batch_slices(fn, x, chunk: int, *sliced):
 WINOGRAD_KERNEL_GRAD_MIN_CHANNELS = 32
 
 
-def winograd_kernel_grad_applies(in_hw, kernel_hw, strides, padding: str, channels: int) -> bool:
+def winograd_kernel_grad_applies(in_hw, kernel_shape, strides, padding: str) -> bool:
     """Whether the 'hybrid' conv takes this layer's kernel gradient through Winograd tiles:
-    3x3, stride 1, SAME or VALID, on maps of at least WINOGRAD_MIN_SIZE, ``channels`` (the
-    smaller of in and out) at least WINOGRAD_KERNEL_GRAD_MIN_CHANNELS."""
-    return (_winograd_shape(kernel_hw, strides, padding) and min(in_hw) >= WINOGRAD_MIN_SIZE
-            and channels >= WINOGRAD_KERNEL_GRAD_MIN_CHANNELS)
+    3x3, stride 1, SAME or VALID, on maps of at least WINOGRAD_MIN_SIZE, at least
+    WINOGRAD_KERNEL_GRAD_MIN_CHANNELS in and out."""
+    return (_winograd_shape(kernel_shape[:2], strides, padding) and min(in_hw) >= WINOGRAD_MIN_SIZE
+            and min(kernel_shape[2:]) >= WINOGRAD_KERNEL_GRAD_MIN_CHANNELS)
 
 
 # Winograd F(4x4, 5x5) for 'same' 5x5 convolutions of WINOGRAD_TILES_MIN_CHANNELS or more (GoogLeNet's
@@ -768,7 +768,7 @@ def _conv_canonical_bwd(strides, padding, chunk, residuals, g):
         dx = _winograd_input_grad(jnp.pad(g, ((0, 0), (edge, edge), (edge, edge), (0, 0))), kernel)
     else:
         dx = _on_batch_slices(lambda gb, xb: _conv_input_grad(gb, kernel, xb.shape, strides, padding), g, chunk, x)
-    if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape[:2], strides, padding, min(kernel.shape[2:])):
+    if winograd_kernel_grad_applies(x.shape[1:3], kernel.shape, strides, padding):
         dk = _winograd_kernel_grad(x, g, padding)  # matmuls over all tiles: no need for batch slices
     elif strides != (1, 1):
         # im2col's kernel gradient: the native form transposes x to (C, H, W, N), and XLA fuses
