@@ -68,3 +68,8 @@ def test_compare_passes_xla_options_to_the_compile():
   with pytest.raises(Exception, match="xla_no_such_option"):
     ab_bench.compare("lenet5", 4, 2, 1, [ab_bench.parse_variant('x:{"xla_no_such_option": 1}')],
                      make_tiny_dataset(16, 10))
+
+
+def test_call_order_rotates_so_no_variant_always_follows_another():
+  assert [ab_bench.call_order(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+  assert ab_bench.call_order(1, 5) == [0]

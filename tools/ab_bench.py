@@ -11,9 +11,12 @@ after, or an XLA option (a key starting with 'xla_', e.g. "xla_cpu_multi_thread_
 to the value it is compiled with (`compile(compiler_options=...)`: this chunk only, where
 XLA_FLAGS would set it for the whole process). Every variant's chunk (`bench --mode scan`'s: STEPS real Adam steps in one
 `lax.scan`) is compiled side by side in one process; then each round calls every variant
-once, in turn. This machine's swings (a third of a cell from one window to the next) then hit
-all variants alike, which separate processes minutes apart do not: the figure that matters is
-the median of the per-round ratios to the first variant, with the rounds it won.
+once, in turn, the order rotated by one each round (call_order). This machine's swings (a third
+of a cell from one window to the next) then hit all variants alike, which separate processes
+minutes apart do not: the figure that matters is the median of the per-round ratios to the first
+variant, with the rounds it won. Read it against an A/A run (the same variant twice): on the
+AVX2 EPYC, GoogLeNet at batch 32, 1.03x (7 of 13 rounds faster) in a fixed order and 0.97x
+(6 of 15) rotated: a few percent either way is noise.
 
 Per-round rates go to stderr; stdout gets one JSON line per variant:
 {"variant", "overrides", "median_img_s", "paired_ratio", "rounds_faster", "rounds",
@@ -81,6 +84,13 @@ def overridden(overrides: dict):
       setattr(module, attr, value)
 
 
+def call_order(count: int, round_index: int) -> list[int]:
+  """The variants' order in a round, rotated by one each round: no variant always runs right
+  after another (on this machine the one called second can gain or lose a few percent)."""
+  first = round_index % count
+  return [*range(first, count), *range(first)]
+
+
 def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, log=None) -> list[dict]:
   """Compile every variant's training chunk, call them in turn ``rounds`` times; one record each.
   Per-round rates go to ``log`` (default: stderr)."""
@@ -102,7 +112,8 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
     runs.append({"variant": name, "overrides": overrides, "compiled": compiled, "state": state,
                  "first_loss_sum": float(sums["loss_sum"]), "rates": []})
   for r in range(rounds):
-    for run in runs:
+    for i in call_order(len(runs), r):
+      run = runs[i]
       start = time.perf_counter()
       run["state"], sums = run["compiled"](run["state"], *chunk_args)
       jax.block_until_ready((run["state"], sums))
