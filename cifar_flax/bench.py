@@ -158,12 +158,22 @@ def scan_chunk_setup(model: str, batch: int, steps: int, dataset, conv: str = 'a
     """What `--mode scan` trains, for tools that compile and call its chunk in their own process
     (tools/ab_bench.py, tools/profile_step.py): (config, network, optimizer, chunk_args), where
     chunk_args = (images, labels, indices) on the device, indices ``steps`` real batches; the
-    chunk is ``jax.jit(train.make_train_chunk(network, optimizer, config))(state, *chunk_args)``."""
+    chunk is compiled by compile_scan_chunk."""
     import jax.numpy as jnp
     config, net = bench_model(model, batch, conv=conv)
     chunk_args = (jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
                   jnp.asarray(batch_indices(dataset, batch, steps)))
     return config, net, bench_optimizer(config, dataset, batch), chunk_args
+
+
+def compile_scan_chunk(config, net, tx, chunk_args, compiler_options: dict | None = None):
+    """scan_chunk_setup's chunk, compiled (with XLA ``compiler_options``, if any), and a fresh
+    train state to call it with: ``compiled(state, *chunk_args) -> (state, sums)``, state donated."""
+    import jax
+    from cifar_flax import train
+    state = train.create_train_state(config, net, tx)
+    chunk = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0)
+    return chunk.lower(state, *chunk_args).compile(compiler_options=compiler_options or None), state
 
 
 def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,

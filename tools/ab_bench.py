@@ -97,7 +97,7 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
   log = log or sys.stderr
   import jax
 
-  from cifar_flax import bench, train
+  from cifar_flax import bench
 
   config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset)
 
@@ -105,9 +105,7 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
   for name, overrides in variants:
     attrs, xla_options = split_overrides(overrides)
     with overridden(attrs):
-      state = train.create_train_state(config, net, tx)
-      chunk = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0)
-      compiled = chunk.lower(state, *chunk_args).compile(compiler_options=xla_options or None)
+      compiled, state = bench.compile_scan_chunk(config, net, tx, chunk_args, xla_options)
     state, sums = compiled(state, *chunk_args)  # also the warm-up
     runs.append({"variant": name, "overrides": overrides, "compiled": compiled, "state": state,
                  "first_loss_sum": float(sums["loss_sum"]), "rates": []})

@@ -156,12 +156,10 @@ def summarize(events: list[dict], instructions: dict[str, dict], steps: int) -> 
 def profile(model: str, batch: int, steps: int, calls: int, dataset, conv: str = "auto") -> dict:
   import jax
 
-  from cifar_flax import bench, train
+  from cifar_flax import bench
 
   config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset, conv)
-  state = train.create_train_state(config, net, tx)
-  compiled = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0).lower(
-      state, *chunk_args).compile()
+  compiled, state = bench.compile_scan_chunk(config, net, tx, chunk_args)
 
   def call(state):
     state, sums = compiled(state, *chunk_args)
