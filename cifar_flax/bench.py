@@ -170,9 +170,9 @@ def compile_scan_chunk(config, net, tx, chunk_args, compiler_options: dict | Non
     """scan_chunk_setup's chunk, compiled (with XLA ``compiler_options``, if any), and a fresh
     train state to call it with: ``compiled(state, *chunk_args) -> (state, sums)``, state donated."""
     import jax
-    from cifar_flax import train
+    from cifar_flax import train, xla_options
     state = train.create_train_state(config, net, tx)
-    chunk = jax.jit(train.make_train_chunk(net, tx, config), donate_argnums=0)
+    chunk = xla_options.jit(train.make_train_chunk(net, tx, config), donate_argnums=0)
     return chunk.lower(state, *chunk_args).compile(compiler_options=compiler_options or None), state
 
 
@@ -188,7 +188,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from cifar_flax import data as data_lib, train
+    from cifar_flax import data as data_lib, train, xla_options
     from cifar_flax.models import canonical_name, count_params
     from cifar_flax.models.layers import resolve_conv_impl
 
@@ -224,7 +224,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
 
     start = time.perf_counter()
     if mode == 'step':
-        step = jax.jit(train.make_train_step(net, tx, config), donate_argnums=0)
+        step = xla_options.jit(train.make_train_step(net, tx, config), donate_argnums=0)
         compiled = step.lower(state, batches[0]).compile()
         state, _ = compiled(state, batches[0])
         jax.block_until_ready(state)
@@ -240,7 +240,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
         items_per_window = (steps or 0) * batch
     else:
         images, labels = replicate(images), replicate(labels)
-        chunk = jax.jit(train.make_train_chunk(net, tx, config, mesh), donate_argnums=0)
+        chunk = xla_options.jit(train.make_train_chunk(net, tx, config, mesh), donate_argnums=0)
         device_indices = replicate(jnp.asarray(indices))
         compiled = chunk.lower(state, images, labels, device_indices).compile()
         state, _ = compiled(state, images, labels, device_indices)
@@ -280,7 +280,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
 
     if evaluate:
         variables = train.model_variables(state)
-        infer = jax.jit(lambda v, x: net.apply(v, x, train=False))
+        infer = xla_options.jit(lambda v, x: net.apply(v, x, train=False))
         compiled_eval = infer.lower(variables, batches[0][0]).compile()
         jax.block_until_ready(compiled_eval(variables, batches[0][0]))
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from cifar_flax import checkpoint, images, models
+from cifar_flax import checkpoint, images, models, xla_options
 from cifar_flax.data import normalize
 
 # Padded batch sizes; larger inputs are split into chunks of the last one.
@@ -55,7 +55,7 @@ class Predictor:
         self.source = Source(Path(bundle.run_dir), bundle.network, int(bundle.epoch),
                              None if bundle.test_accuracy is None else float(bundle.test_accuracy))
         self.trace_count = 0  # how often the network was traced (= compiled), for tests
-        self._probabilities = jax.jit(self._probabilities_fn)
+        self._probabilities = xla_options.jit(self._probabilities_fn)
 
     @property
     def network(self) -> str:

@@ -51,7 +51,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from cifar_flax import checkpoint, plots, train
+from cifar_flax import checkpoint, plots, train, xla_options
 from cifar_flax import data as data_lib
 from cifar_flax.config import (RESUME_SAFE_FIELDS, Config, canonical_network, make_config,
                                validate)
@@ -442,9 +442,10 @@ class GroupTrainer:
     # The optimizer's update reads learning rate, weight decay and momentum
     # from each member's state, so the base's `tx` serves every member.
     chunk = train.make_train_chunk(trainer.model, trainer.tx, base)
-    self.train_chunk = jax.jit(jax.vmap(chunk, in_axes=(0, None, None, 0)), donate_argnums=(0,))
-    self.evaluate = jax.jit(jax.vmap(train.make_evaluate(trainer.model, base),
-                                     in_axes=(0, None, None)))
+    self.train_chunk = xla_options.jit(jax.vmap(chunk, in_axes=(0, None, None, 0)),
+                                       donate_argnums=(0,))
+    self.evaluate = xla_options.jit(jax.vmap(train.make_evaluate(trainer.model, base),
+                                             in_axes=(0, None, None)))
     self.epoch_indices = jax.jit(jax.vmap(
         train.make_epoch_indices(trainer.num_train, base.batch_size), in_axes=(0, None)))
 

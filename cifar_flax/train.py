@@ -28,7 +28,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from cifar_flax import checkpoint, data as data_lib, plots
+from cifar_flax import checkpoint, data as data_lib, plots, xla_options
 from cifar_flax.config import Config, check_resumable, load_config, save_config, validate
 from cifar_flax.models import get_model
 
@@ -317,9 +317,9 @@ class Trainer:
                                                config.eval_batch_size)
     self.test_images, self.test_labels = put(test_images), put(test_labels)
     self.num_test = len(dataset.test_images)
-    self.train_chunk = jax.jit(make_train_chunk(self.model, self.tx, config, mesh),
-                               donate_argnums=(0,))
-    self.evaluate = jax.jit(make_evaluate(self.model, config))
+    self.train_chunk = xla_options.jit(make_train_chunk(self.model, self.tx, config, mesh),
+                                       donate_argnums=(0,))
+    self.evaluate = xla_options.jit(make_evaluate(self.model, config))
     self.epoch_indices = jax.jit(make_epoch_indices(self.num_train, config.batch_size))
 
   def init_state(self, seed: int | None = None) -> TrainState:

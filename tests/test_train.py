@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_flax import checkpoint, train
+from cifar_flax import checkpoint, train, xla_options
 from cifar_flax.config import Config, make_config
 from cifar_flax.models import get_model
 
@@ -75,7 +75,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {tests!r})
     from conftest import make_tiny_dataset
-    from cifar_flax import checkpoint, train
+    from cifar_flax import checkpoint, train, xla_options
     from cifar_flax.config import Config
     real_save = checkpoint.save_checkpoint
     def stalling_save(manager, step, *args, **kwargs):
@@ -212,6 +212,34 @@ def test_evaluation_counts_every_test_image(tmp_path, tiny_dataset):
   assert int(correct) == expected
   losses = train.compute_loss(logits, tiny_dataset.test_labels, "cross_entropy")
   np.testing.assert_allclose(float(loss_sum), float(losses.sum()), rtol=1e-4)
+
+
+def copies(compiled) -> int:
+  return compiled.as_text().count(" copy(")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the option is XLA:CPU's")
+def test_training_chunk_compiles_with_the_projects_xla_options(tmp_path, tiny_dataset):
+  # Region analysis removes the copies of the scan's carried state and of the fusion
+  # barriers' outputs; the same arithmetic, so the same chunk result to the last bit.
+  config = tiny_config(tmp_path, epochs=1)
+  trainer = train.Trainer(config, tiny_dataset)
+  indices = trainer.epoch_indices(0, 0)[:3]
+  args = (trainer.train_images, trainer.train_labels, indices)
+  state = trainer.init_state()
+  tuned = trainer.train_chunk.lower(state, *args).compile()
+  plain = jax.jit(train.make_train_chunk(trainer.model, trainer.tx, config)).lower(
+      state, *args).compile()
+  assert copies(tuned) < copies(plain)
+  (tuned_state, tuned_sums), (plain_state, plain_sums) = tuned(state, *args), plain(
+      trainer.init_state(), *args)
+  assert float(tuned_sums["loss_sum"]) == float(plain_sums["loss_sum"])
+  jax.tree.map(np.testing.assert_array_equal, tuned_state.params, plain_state.params)
+
+
+def test_xla_options_are_for_the_cpu_only():
+  assert xla_options.compiler_options("cpu") == xla_options.CPU_COMPILER_OPTIONS
+  assert xla_options.compiler_options("gpu") is None
 
 
 def test_losses_match_their_definitions():
