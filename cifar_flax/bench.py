@@ -274,7 +274,8 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
               'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
               # other processes on the machine skew CPU timings; this says how busy it was.
               'loadavg_1m': round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None,
-              'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+              'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+              'compiler_options': xla_options.compiler_options() or {}}
     if train_flops:
         record['train_gflops'] = round(train_flops * train_rate / 1e9, 1)
 

@@ -82,13 +82,19 @@ def load_peers(path: str) -> dict:
   return peers
 
 
+def _options_note(record: dict) -> str:
+  # Records from before cifar_flax.xla_options have no 'compiler_options'.
+  options = record.get("compiler_options")
+  return "".join(f", {k}={json.dumps(v)}" for k, v in (options or {}).items())
+
+
 def table(records: list[dict], peak: float, command: str, machine: str,
           peers: dict = PEERS, peers_source: str = "") -> str:
   lines = [
       f"# Training and inference throughput on {records[0]['backend'].upper()} "
       f"({records[0]['cpu_count']} cores; {machine})", "",
       f"Made by `{command}` on {time.strftime('%Y-%m-%d')} "
-      f"(XLA_FLAGS='{records[0]['xla_flags']}', jax {records[0]['jax']}, "
+      f"(XLA_FLAGS='{records[0]['xla_flags']}'{_options_note(records[0])}, jax {records[0]['jax']}, "
       f"{records[0]['dtype']}, conv '{records[0]['conv_resolved']}', scan mode: a chunk of "
       "steps in one `lax.scan`, as training runs). Images/s are the median of "
       f"{records[0]['windows']} timed windows after compilation and warm-up. Peers: "

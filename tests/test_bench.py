@@ -32,6 +32,8 @@ def test_run_bench_step_mode_record():
     assert record['train_img_s'] > 0 and record['eval_img_s'] > 0
     assert record['train_flops_per_image'] > record['eval_flops_per_image'] > 0
     assert record['flops_fraction'] is None  # no --peak
+    from cifar_flax import xla_options
+    assert record['compiler_options'] == (xla_options.compiler_options() or {})
 
 
 def test_run_bench_scan_mode():
@@ -113,6 +115,11 @@ def test_bench_table_rows_compare_with_peers():
     text = bench_table.table([record], peak=200.0, command='python -m experiments.bench_table',
                              machine='x86_64, Some CPU, AVX2')
     assert text.splitlines()[0] == '# Training and inference throughput on CPU (2 cores; x86_64, Some CPU, AVX2)'
+    assert "(XLA_FLAGS='', jax 0," in text  # a record from before compiler_options
+    options = {'xla_cpu_copy_insertion_use_region_analysis': True}
+    text = bench_table.table([{**record, 'compiler_options': options}], peak=200.0, command='cmd',
+                             machine='cpu')
+    assert "(XLA_FLAGS='', xla_cpu_copy_insertion_use_region_analysis=true, jax 0," in text
     row = next(line for line in text.splitlines() if line.startswith('| inception10'))
     # 1,660 img/s against the faster peer's 830; 66 MFLOP x 1,660/s = 109.6 GFLOP/s = 55% of 200.
     assert row == '| inception10 | 32 | 1,660 | 775 / 830 | 2.00x | 3,000 | 109.6 | 55% | 1.5 |'
