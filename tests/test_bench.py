@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cifar_flax import bench
+from cifar_flax import bench, xla_options
 from tests.conftest import make_tiny_dataset
 
 KEYS = {'model', 'batch', 'train_img_s', 'eval_img_s', 'params', 'devices', 'dtype', 'conv',
@@ -32,7 +32,6 @@ def test_run_bench_step_mode_record():
     assert record['train_img_s'] > 0 and record['eval_img_s'] > 0
     assert record['train_flops_per_image'] > record['eval_flops_per_image'] > 0
     assert record['flops_fraction'] is None  # no --peak
-    from cifar_flax import xla_options
     assert record['compiler_options'] == (xla_options.compiler_options() or {})
 
 
