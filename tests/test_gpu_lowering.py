@@ -6,7 +6,8 @@ lowered for the 'cuda' platform and their StableHLO is read. On a GPU every conv
 must be XLA's own (cuDNN), every pool a `reduce_window` (its backward a
 `select_and_scatter`), with none of the CPU's fusion barriers (a conditional's predicate
 would sync with the host there) and no host callback in the hot loop; bfloat16 runs must
-convolve in bfloat16. The CPU's own program, lowered the same way, fails these checks.
+convolve in bfloat16; a sweep's members run vmapped. The CPU's own program, lowered the same
+way, fails these checks.
 """
 
 import collections
@@ -16,28 +17,27 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cifar_flax import config as config_lib, train
+from cifar_flax import config as config_lib, sweep, train
 from cifar_flax.models import MODEL_NAMES, get_model
 
-BATCH, STEPS, EVAL_BATCH = 8, 2, 16
+BATCH, STEPS, EVAL_BATCH = 8, 2, 20
+CUDA = {"lowering_platforms": ("cuda",)}
 
 
-def lowered_programs(network: str, protocol: str, dtype: str) -> dict[str, str]:
-  """StableHLO text of the training chunk and of evaluation, lowered for CUDA."""
-  config = config_lib.make_config(network, protocol).replace(
-      dtype=dtype, batch_size=BATCH, eval_batch_size=EVAL_BATCH)
-  model = get_model(network, **config.model_options())
-  tx = train.make_optimizer(config, steps_per_epoch=100)
-  state = jax.eval_shape(lambda: train.create_train_state(config, model, tx))
-  images = jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.uint8)
-  labels = jax.ShapeDtypeStruct((64,), jnp.int32)
+def small_config(network: str, protocol: str, **changes) -> config_lib.Config:
+  return config_lib.make_config(network, protocol).replace(
+      batch_size=BATCH, eval_batch_size=EVAL_BATCH, quiet=True, **changes)
+
+
+def lowered_programs(config: config_lib.Config, dataset) -> dict[str, str]:
+  """StableHLO text of the trainer's training chunk and evaluation, lowered for CUDA."""
+  trainer = train.Trainer(config, dataset)
+  state = jax.eval_shape(trainer.init_state)
   indices = jax.ShapeDtypeStruct((STEPS, BATCH), jnp.int32)
-  chunk = jax.jit(train.make_train_chunk(model, tx, config))
-  evaluate = jax.jit(train.make_evaluate(model, config))
-  variables = train.model_variables(state)
-  cuda = {"lowering_platforms": ("cuda",)}
-  return {"train": chunk.trace(state, images, labels, indices).lower(**cuda).as_text(),
-          "evaluate": evaluate.trace(variables, images, labels).lower(**cuda).as_text()}
+  chunk = trainer.train_chunk.trace(state, trainer.train_images, trainer.train_labels, indices)
+  evaluate = trainer.evaluate.trace(train.model_variables(state), trainer.test_images,
+                                    trainer.test_labels)
+  return {"train": chunk.lower(**CUDA).as_text(), "evaluate": evaluate.lower(**CUDA).as_text()}
 
 
 def conv_layers(network: str) -> int:
@@ -76,10 +76,12 @@ CASES = [(network, protocol, dtype) for network in MODEL_NAMES
 
 
 @pytest.mark.parametrize("network,protocol,dtype", CASES)
-def test_gpu_programs_use_xla_convolutions_and_pooling_only(gpu_backend, network, protocol, dtype):
-  programs = lowered_programs(network, protocol, dtype)
+def test_gpu_programs_use_xla_convolutions_and_pooling_only(gpu_backend, tiny_dataset, network,
+                                                           protocol, dtype):
+  config = small_config(network, protocol, dtype=dtype)
+  programs = lowered_programs(config, tiny_dataset)
   layers = conv_layers(network)
-  views = 2 if config_lib.make_config(network, protocol).tta_flip else 1
+  views = 2 if config.tta_flip else 1
   expected = {  # forward, and in training both gradients (the first layer's input needs none)
       "train": {"convolution": 3 * layers - 1, "pool": pools(network),
                 "select_and_scatter": pools(network)},
@@ -88,17 +90,40 @@ def test_gpu_programs_use_xla_convolutions_and_pooling_only(gpu_backend, network
   for name, text in programs.items():
     ops = stablehlo_ops(text)
     assert {op: ops[op] for op in expected[name]} == expected[name], name
-    assert ops["case"] == ops["if"] == 0, f"{name}: a conditional (CPU fusion barrier) on the GPU"
-    calls = re.findall(r"custom_call @([\w.]+)", text)
-    assert not calls, f"{name}: custom calls (host callbacks?) {calls}"
+    assert_runs_on_the_device(text, name)
     assert convolution_operand_types(text) == {"bf16" if dtype == "bfloat16" else "f32"}, name
 
 
+def assert_runs_on_the_device(text: str, name: str) -> None:
+  ops = stablehlo_ops(text)
+  assert ops["case"] == ops["if"] == 0, f"{name}: a conditional (CPU fusion barrier) on the GPU"
+  calls = re.findall(r"custom_call @([\w.]+)", text)
+  assert not calls, f"{name}: custom calls (host callbacks?) {calls}"
+
+
+@pytest.mark.parametrize("network", ["lenet5", "inception10"])
+def test_gpu_sweep_group_vmaps_its_members(gpu_backend, tiny_dataset, network):
+  # On a GPU a sweep's members run under jax.vmap (the CPU loops them): each layer's
+  # convolutions become one grouped convolution over the members (jax's own vmap rule).
+  members = 3
+  base = small_config(network, "seed")
+  group = sweep.GroupTrainer([base.replace(learning_rate=lr) for lr in (1e-3, 3e-3, 1e-2)],
+                             tiny_dataset)
+  assert group.mode == "vmap"
+  state = jax.eval_shape(group.init_state)
+  indices = jax.ShapeDtypeStruct((members, STEPS, BATCH), jnp.int32)
+  text = group.train_chunk.trace(state, group.train_images, group.train_labels,
+                                 indices).lower(**CUDA).as_text()
+  assert stablehlo_ops(text)["convolution"] == 3 * conv_layers(network) - 1
+  assert set(re.findall(r"feature_group_count = (\d+)", text)) == {str(members)}
+  assert_runs_on_the_device(text, "sweep group")
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads the CPU's own program")
-def test_the_cpu_programs_fail_the_gpu_checks():
+def test_the_cpu_programs_fail_the_gpu_checks(tiny_dataset):
   # The checks above can tell the programs apart: on the CPU, LeNet-5's convolutions are
   # banded matmuls, its pools shifted slices, and its pooled maps pass fusion barriers.
-  ops = stablehlo_ops(lowered_programs("lenet5", "seed", "float32")["train"])
+  ops = stablehlo_ops(lowered_programs(small_config("lenet5", "seed"), tiny_dataset)["train"])
   assert ops["convolution"] < 3 * conv_layers("lenet5") - 1
   assert ops["pool"] == ops["select_and_scatter"] == 0
   assert ops["case"] + ops["if"] > 0
