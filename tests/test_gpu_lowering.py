@@ -1,8 +1,9 @@
 """The programs a GPU would run, lowered for CUDA on this CPU-only machine.
 
 No GPU is needed to lower: with the backend reported as 'gpu' (which is what the
-implementations consult at trace time) every network's training chunk and evaluation are
-lowered for the 'cuda' platform and their StableHLO is read. On a GPU every convolution
+implementations consult at trace time) every network's training chunk and evaluation, a
+sweep group's chunk and the predictor on the shipped params are lowered for the 'cuda'
+platform and their StableHLO is read. On a GPU every convolution
 must be XLA's own (cuDNN), every pool a `reduce_window` (its backward a
 `select_and_scatter`), with none of the CPU's fusion barriers (a conditional's predicate
 would sync with the host there) and no host callback in the hot loop; bfloat16 runs must
@@ -12,6 +13,7 @@ way, fails these checks.
 
 import collections
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ import pytest
 
 from cifar_flax import config as config_lib, sweep, train
 from cifar_flax.models import MODEL_NAMES, get_model
+from cifar_flax.predict import load_predictor
 
 BATCH, STEPS, EVAL_BATCH = 8, 2, 20
 CUDA = {"lowering_platforms": ("cuda",)}
@@ -127,3 +130,19 @@ def test_the_cpu_programs_fail_the_gpu_checks(tiny_dataset):
   assert ops["convolution"] < 3 * conv_layers("lenet5") - 1
   assert ops["pool"] == ops["select_and_scatter"] == 0
   assert ops["case"] + ops["if"] > 0
+
+
+SHIPPED_RUNS = sorted(p.parent.parent for p in
+                      (Path(__file__).resolve().parents[1] / "ckpt").glob("*/inference/meta.json"))
+
+
+@pytest.mark.parametrize("run_dir", SHIPPED_RUNS, ids=lambda p: p.name)
+def test_gpu_predict_is_the_forward_pass_alone(gpu_backend, run_dir):
+  # The importable predict (and the desktop app) on the shipped params, lowered for CUDA.
+  predictor = load_predictor(run_dir)
+  images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.uint8)
+  text = predictor._probabilities.trace(predictor.variables, images).lower(**CUDA).as_text()
+  ops = stablehlo_ops(text)
+  network = predictor.network
+  assert (ops["convolution"], ops["pool"]) == (conv_layers(network), pools(network))
+  assert_runs_on_the_device(text, "predict")
