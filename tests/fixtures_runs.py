@@ -1,4 +1,4 @@
-"""Session-wide tiny trained runs for the predictor and UI tests.
+"""Session-wide tiny trained runs for the predictor and UI tests, and the runs shipped in ckpt/.
 
 A LeNet-5 run (ReLU) is trained for two short epochs on the synthetic data of
 conftest's ``tiny_dataset`` (a few seconds on CPU), so tests exercise the real
@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 TINY_NETWORK = 'lenet5'
+# The exported runs that ship in ckpt/ (a fresh clone classifies with them at once).
+SHIPPED_RUNS = sorted(p.parent.parent for p in
+                      (Path(__file__).resolve().parents[1] / 'ckpt').glob('*/inference/meta.json'))
 # A child pytest process (see test_ui.py) reuses its parent's tiny run instead of training again.
 REUSE_CKPT_ROOT_ENV = 'CIFAR_FLAX_TEST_CKPT_ROOT'
 

@@ -13,7 +13,6 @@ way, fails these checks.
 
 import collections
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import pytest
 from cifar_flax import config as config_lib, sweep, train
 from cifar_flax.models import MODEL_NAMES, get_model
 from cifar_flax.predict import load_predictor
+from tests.fixtures_runs import SHIPPED_RUNS
 
 BATCH, STEPS, EVAL_BATCH = 8, 2, 20
 CUDA = {"lowering_platforms": ("cuda",)}
@@ -69,6 +69,13 @@ def pools(network: str) -> int:
   return {"lenet5": 2, "alexnet8": 3, "vgg16": 5, "inception10": 4, "resnet18": 0}[network]
 
 
+def assert_runs_on_the_device(text: str, ops: collections.Counter, name: str) -> None:
+  """No conditional (the CPU's fusion barriers) and no custom call (host callbacks)."""
+  assert ops["case"] == ops["if"] == 0, f"{name}: a conditional (CPU fusion barrier) on the GPU"
+  calls = re.findall(r"custom_call @([\w.]+)", text)
+  assert not calls, f"{name}: custom calls (host callbacks?) {calls}"
+
+
 @pytest.fixture
 def gpu_backend(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -93,15 +100,8 @@ def test_gpu_programs_use_xla_convolutions_and_pooling_only(gpu_backend, tiny_da
   for name, text in programs.items():
     ops = stablehlo_ops(text)
     assert {op: ops[op] for op in expected[name]} == expected[name], name
-    assert_runs_on_the_device(text, name)
+    assert_runs_on_the_device(text, ops, name)
     assert convolution_operand_types(text) == {"bf16" if dtype == "bfloat16" else "f32"}, name
-
-
-def assert_runs_on_the_device(text: str, name: str) -> None:
-  ops = stablehlo_ops(text)
-  assert ops["case"] == ops["if"] == 0, f"{name}: a conditional (CPU fusion barrier) on the GPU"
-  calls = re.findall(r"custom_call @([\w.]+)", text)
-  assert not calls, f"{name}: custom calls (host callbacks?) {calls}"
 
 
 @pytest.mark.parametrize("network", ["lenet5", "inception10"])
@@ -117,9 +117,10 @@ def test_gpu_sweep_group_vmaps_its_members(gpu_backend, tiny_dataset, network):
   indices = jax.ShapeDtypeStruct((members, STEPS, BATCH), jnp.int32)
   text = group.train_chunk.trace(state, group.train_images, group.train_labels,
                                  indices).lower(**CUDA).as_text()
-  assert stablehlo_ops(text)["convolution"] == 3 * conv_layers(network) - 1
+  ops = stablehlo_ops(text)
+  assert ops["convolution"] == 3 * conv_layers(network) - 1
   assert set(re.findall(r"feature_group_count = (\d+)", text)) == {str(members)}
-  assert_runs_on_the_device(text, "sweep group")
+  assert_runs_on_the_device(text, ops, "sweep group")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads the CPU's own program")
@@ -132,10 +133,6 @@ def test_the_cpu_programs_fail_the_gpu_checks(tiny_dataset):
   assert ops["case"] + ops["if"] > 0
 
 
-SHIPPED_RUNS = sorted(p.parent.parent for p in
-                      (Path(__file__).resolve().parents[1] / "ckpt").glob("*/inference/meta.json"))
-
-
 @pytest.mark.parametrize("run_dir", SHIPPED_RUNS, ids=lambda p: p.name)
 def test_gpu_predict_is_the_forward_pass_alone(gpu_backend, run_dir):
   # The importable predict (and the desktop app) on the shipped params, lowered for CUDA.
@@ -145,4 +142,4 @@ def test_gpu_predict_is_the_forward_pass_alone(gpu_backend, run_dir):
   ops = stablehlo_ops(text)
   network = predictor.network
   assert (ops["convolution"], ops["pool"]) == (conv_layers(network), pools(network))
-  assert_runs_on_the_device(text, "predict")
+  assert_runs_on_the_device(text, ops, "predict")

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from cifar_flax import images, models
 from cifar_flax.data import CLASS_NAMES, normalize
 from cifar_flax.predict import BATCH_BUCKETS, bucket_size, load_predictor, preprocess
-from tests.fixtures_runs import lenet_run, tiny_ckpt_root  # noqa: F401  (session fixtures)
+from tests.fixtures_runs import SHIPPED_RUNS, lenet_run, tiny_ckpt_root  # noqa: F401  (session fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,9 +311,6 @@ def test_cli_without_params_says_how_to_train(tmp_path):
 
 
 # ---- the params that ship in ckpt/ -------------------------------------------------
-
-SHIPPED_RUNS = sorted(p.parent.parent for p in (REPO_ROOT / 'ckpt').glob('*/inference/meta.json'))
-
 
 @pytest.mark.parametrize('run_dir', SHIPPED_RUNS, ids=lambda p: p.name)
 def test_shipped_params_classify_the_sample_images(run_dir):
