@@ -11,6 +11,14 @@ gave 1.03x and 0.94x): LeNet-5 at batch 128 1.06x (9 of 11) and 1.056x (11 of 15
 1.075x (7 of 11), VGG16 at 32 1.085x (5 of 7), AlexNet 1.01x / 1.06x, ResNet-18 at 32
 1.00x, GoogLeNet 0.94-0.97x, level with its A/A pair. Evaluating 5,000 test images
 (`train.make_evaluate`, alternating calls): LeNet-5 1.01x, GoogLeNet 1.00x, AlexNet 0.99x.
+
+On a GPU, XLA by default may pick non-deterministic kernels (atomics; convolution
+algorithms chosen by timing): on an H200 two identical LeNet-5 runs, each in its own
+process, differed from the first epoch (train loss 2.17374124 against 2.17374138), a
+resumed run differed from the straight one, and a looped sweep member from its separate fit.
+With non-deterministic ops excluded (set there for the whole process, in XLA_FLAGS; the
+per-program form below has not run on a GPU yet) the pairs were identical and those tests
+passed (results/gpu_h200_b78a40c). Exact resume needs it; its cost in speed is unmeasured.
 Other backends compile with their defaults.
 """
 
@@ -20,13 +28,16 @@ from typing import Any, Callable
 
 import jax
 
-CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+BACKEND_COMPILER_OPTIONS = {
+    "cpu": {"xla_cpu_copy_insertion_use_region_analysis": True},
+    "gpu": {"xla_gpu_exclude_nondeterministic_ops": True},
+}
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
   """XLA options for ``backend`` (default: JAX's default backend); None: XLA's defaults."""
-  backend = backend or jax.default_backend()
-  return dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else None
+  options = BACKEND_COMPILER_OPTIONS.get(backend or jax.default_backend())
+  return dict(options) if options else None
 
 
 def jit(fun: Callable, **jit_kwargs) -> Callable:
