@@ -200,9 +200,11 @@ def test_conv_impls_agree(k, s, padding, cin, cout, size):
     for fn in (conv_gemm, conv_shifted_sum, conv_hybrid, chunked_hybrid):
         (_, out), grads = jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1), has_aux=True))(x, kernel)
         assert out.shape == ref.shape
-        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
-        for g, rg in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-4)
+        for a, b in zip((out, *grads), (ref, *ref_grads)):
+            # Winograd's rounding errors scale with the array's largest entry (up to 7e-6 of
+            # it on the CPU, for F(4x4, 5x5)): near-zero entries of a large gradient missed a
+            # fixed 1e-4 on an H200, whose reference sums in another order.
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-4, 3e-5 * float(np.abs(b).max())))
 
 
 def test_conv_module_param_layout_matches_nn_conv():
@@ -635,10 +637,16 @@ def test_hybrid_conv_under_vmap(in_axes, k, stride, winograd, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
 
 
+# How many conditionals a fusion barrier compiles to: one on the CPU, none elsewhere (on a
+# GPU a conditional's predicate would sync with the host; materialize is the identity).
+BARRIER = int(jax.default_backend() == 'cpu')
+
+
 @pytest.mark.parametrize('batched', [False, True])
 def test_materialize_is_an_identity_xla_cannot_fuse_through(batched):
-    """materialize(x) == x in value and gradient, alone and under vmap (sweeps); jitted, it
-    compiles to a conditional (the fusion barrier), also when vmapped (no select of both)."""
+    """materialize(x) == x in value and gradient, alone and under vmap (sweeps); jitted on the
+    CPU, it compiles to a conditional (the fusion barrier), also when vmapped (no select of
+    both); elsewhere to nothing."""
     x = jax.random.normal(jax.random.key(0), (3, 2, 4, 4, 5) if batched else (2, 4, 4, 5))
     w = jax.random.normal(jax.random.key(1), x.shape[-1:])
     loss = lambda x: jnp.sum(jnp.sin(layers.materialize(jnp.maximum(x, 0)) * w))
@@ -651,7 +659,7 @@ def test_materialize_is_an_identity_xla_cannot_fuse_through(batched):
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     hlo = jax.jit(value_and_grad).lower(x).compile().as_text()
-    assert hlo.count(' conditional(') == 1  # the forward only: this gradient is small
+    assert hlo.count(' conditional(') == BARRIER * 1  # the forward only: this gradient is small
 
 
 def test_materialize_under_vmap_keeps_a_nan_member_to_itself():
@@ -671,14 +679,14 @@ def test_materialize_rejects_integer_arrays():
 
 def test_materialize_writes_large_gradients_once_too(monkeypatch):
     """Gradients of at least MATERIALIZE_GRAD_BYTES go through the barrier on the way back
-    as well: a second conditional, same values."""
+    as well (on the CPU): a second conditional, same values."""
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 5))
     loss = lambda x: jnp.sum(jnp.sin(layers.materialize(jnp.maximum(x, 0)) * 2.0))
     small = jax.jit(jax.grad(loss)).lower(x).compile()
     monkeypatch.setattr(layers, 'MATERIALIZE_GRAD_BYTES', x.size * x.dtype.itemsize)
     large = jax.jit(jax.grad(loss)).lower(x).compile()
-    assert small.as_text().count(' conditional(') == 1
-    assert large.as_text().count(' conditional(') == 2
+    assert small.as_text().count(' conditional(') == BARRIER * 1
+    assert large.as_text().count(' conditional(') == BARRIER * 2
     np.testing.assert_allclose(large(x), small(x), rtol=1e-6, atol=1e-6)
 
 
