@@ -98,7 +98,11 @@ def _flops(lowered) -> float | None:
 
 def model_flops(config, tx, batch: int) -> tuple[float | None, float | None]:
     """(train step, forward pass) FLOPs per image of ``config``'s network, counted on the
-    lowered (unoptimised, not compiled) programs of the plain-XLA-convolution variant."""
+    lowered (unoptimised, not compiled) programs of the plain-XLA-convolution variant.
+
+    Lowered for the CPU whatever the default backend: a lowered program's cost analysis is
+    missing where the backend is a PJRT plugin (CUDA: jax returns None, as on an H200 with
+    jax 0.11.2), and so the count is the same on every machine."""
     import jax
     import jax.numpy as jnp
 
@@ -108,9 +112,10 @@ def model_flops(config, tx, batch: int) -> tuple[float | None, float | None]:
     state = jax.eval_shape(lambda: train.create_train_state(config, net, tx))
     images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.dtype(config.dtype))
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    train_flops = _flops(jax.jit(train.make_train_step(net, tx, config)).lower(state, (images, labels)))
-    forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
-    eval_flops = _flops(forward.lower(train.model_variables(state), images))
+    with jax.default_device('cpu'):  # abstract arguments: the default device picks the backend
+        train_flops = _flops(jax.jit(train.make_train_step(net, tx, config)).lower(state, (images, labels)))
+        forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
+        eval_flops = _flops(forward.lower(train.model_variables(state), images))
     per_image = lambda flops: flops / batch if flops else None
     return per_image(train_flops), per_image(eval_flops)
 
