@@ -100,9 +100,9 @@ def model_flops(config, tx, batch: int) -> tuple[float | None, float | None]:
     """(train step, forward pass) FLOPs per image of ``config``'s network, counted on the
     lowered (unoptimised, not compiled) programs of the plain-XLA-convolution variant.
 
-    Lowered for the CPU whatever the default backend: a lowered program's cost analysis is
-    missing where the backend is a PJRT plugin (CUDA: jax returns None, as on an H200 with
-    jax 0.11.2), and so the count is the same on every machine."""
+    Lowered for the CPU whatever the default backend (where JAX has one): a lowered program's
+    cost analysis is missing where the backend is a PJRT plugin (CUDA: jax returns None, as
+    on an H200 with jax 0.11.2), and so the count is the same on every machine."""
     import jax
     import jax.numpy as jnp
 
@@ -112,7 +112,11 @@ def model_flops(config, tx, batch: int) -> tuple[float | None, float | None]:
     state = jax.eval_shape(lambda: train.create_train_state(config, net, tx))
     images = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.dtype(config.dtype))
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    with jax.default_device('cpu'):  # abstract arguments: the default device picks the backend
+    try:
+        cpu = jax.devices('cpu')[0]
+    except RuntimeError:  # JAX_PLATFORMS without the CPU: the default backend counts, if it can
+        cpu = None
+    with jax.default_device(cpu):  # abstract arguments: the default device picks the backend
         train_flops = _flops(jax.jit(train.make_train_step(net, tx, config)).lower(state, (images, labels)))
         forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
         eval_flops = _flops(forward.lower(train.model_variables(state), images))
