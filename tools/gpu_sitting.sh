@@ -5,14 +5,16 @@
 #   (on the GPU box, .devdata carried)  bash tools/gpu_sitting.sh
 #
 # Each part has its own timeout, so one that hangs or runs long cannot eat the others (the
-# defaults add up to ~580 s: the first sitting, 2026-12-04, needed more than 130 s for the
+# defaults add up to ~590 s: the first sitting, 2026-12-04, needed more than 130 s for the
 # tests and 70 s for the sweep group, and ~60 s for the training part); all
 # output goes to $OUT/log.txt, the bench records to $OUT/bench_gpu.{jsonl,md} as they finish,
 # and the run folders' histories to $OUT/runs.tgz. Parts, most important first:
 #   1. tests whose code paths differ on a GPU: conv 'xla' vs the GEMM forms (outputs and
 #      gradients), 'auto' resolving to XLA's convolution and pooling, the bench, exact resume;
 #   2. tools/gpu_bench.py: every network at batch 32 and 128 in float32, then bfloat16 and
-#      the GEMM convolution at batch 128 (does 'auto' = XLA's own hold on the GPU?);
+#      the GEMM convolution at batch 128 (does 'auto' = XLA's own hold on the GPU?); then
+#      what excluding XLA's non-deterministic ops (xla_options, for exact resume) costs:
+#      tools/ab_bench.py, the option on and off in one process, three networks at 128;
 #   3. training through the experiment modules: LeNet-5 two epochs straight and one + one
 #      resumed (the histories must agree exactly), and one full ResNet-18 recipe epoch;
 #   4. experiments.sweep_speed: a sweep group vmapped (the GPU default) against looped and
@@ -37,11 +39,17 @@ tests="tests/test_models.py tests/test_bench.py tests/test_train.py::test_resume
   tests/test_train.py::test_dropout_and_batchnorm_network_resumes_exactly
   tests/test_sweep.py::test_vmapped_members_match_separate_fits_and_outputs"
 # (tests/conftest.py runs them at full float32 precision: JAX's default is TF32 on these GPUs.)
-timeout ${TESTS_S:-180} python3 -m pytest -v --tb=short -rs -n 8 -p no:cacheprovider $tests  # -v: each result is in the log even if the timeout cuts the run
+timeout ${TESTS_S:-170} python3 -m pytest -v --tb=short -rs -n 8 -p no:cacheprovider $tests  # -v: each result is in the log even if the timeout cuts the run
 
 part "2. bench"
-timeout ${BENCH_S:-180} python3 tools/gpu_bench.py --data $DATA --out "$OUT/bench_gpu" --budget-s $(( ${BENCH_S:-180} - 20 )) \
+timeout ${BENCH_S:-170} python3 tools/gpu_bench.py --data $DATA --out "$OUT/bench_gpu" --budget-s $(( ${BENCH_S:-170} - 20 )) \
   --grid all:32,128:float32:auto --grid all:128:bfloat16:auto --grid all:128:float32:gemm
+
+part "2b. excluding non-deterministic ops: on (the library's) against off"
+for model in lenet5 inception10 resnet18; do
+  timeout 40 python3 tools/ab_bench.py --model $model --batch 128 --steps 50 --rounds 9 --data $DATA \
+    'deterministic' 'default:{"xla_gpu_exclude_nondeterministic_ops": false}' | tee -a "$OUT/determinism_ab.jsonl"
+done
 
 part "3. training"
 common="--data $DATA --quiet --train-subset ${SUBSET:-20000}"
@@ -58,7 +66,7 @@ timeout 120 python3 -m experiments.resnet18 --protocol recipe --data $DATA --qui
 tar czf "$OUT/runs.tgz" --exclude checkpoints --exclude inference -C /tmp runs  # params stay: a ResNet-18 is 45 MB, over what comes back
 
 part "4. sweep group: vmap vs loop vs separate runs"
-timeout ${SWEEP_S:-150} python3 -m experiments.sweep_speed --data $DATA --train-subset 10000 | tee "$OUT/sweep_speed_gpu.json"
+timeout ${SWEEP_S:-120} python3 -m experiments.sweep_speed --data $DATA --train-subset 10000 | tee "$OUT/sweep_speed_gpu.json"
 
 part done
 ls -la "$OUT"
