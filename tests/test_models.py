@@ -714,6 +714,39 @@ def test_bias_activation_is_activation_of_the_biased_map(activation, with_bias, 
         assert ours.lower(y, b).compile().as_text().count(' conditional(') == 1
 
 
+@pytest.mark.parametrize('batched', [False, True])
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_activation_on_rows_matches_the_4d_map(train, batched, monkeypatch):
+    """BatchNorm(x, activation=relu) on a 16-channel map (on the CPU: the row view, channelwise)
+    gives the same output, gradients and running statistics as relu(BatchNorm(x)) computed on the
+    4-D map (ROW_VIEW_MAX_CHANNELS=0), alone and under vmap (sweeps)."""
+    x = jax.random.normal(jax.random.key(0), (3, 4, 6, 5, 16) if batched else (4, 6, 5, 16)) + 0.3
+    w = jax.random.normal(jax.random.key(1), x.shape[-3:])
+    norm = layers.batch_norm(train, jnp.float32)
+    variables = norm.init(jax.random.key(2), x[0] if batched else x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.2, variables)  # a nonzero shift everywhere
+
+    def loss(variables, x, fused):
+        if fused:
+            y, updates = norm.apply(variables, x, activation=nn.relu, mutable=['batch_stats'])
+        else:
+            y, updates = norm.apply(variables, x, mutable=['batch_stats'])
+            y = nn.relu(y)
+        return jnp.sum(jnp.sin(y * w)), updates
+
+    def run(fused):
+        f = jax.value_and_grad(functools.partial(loss, fused=fused), argnums=(0, 1), has_aux=True)
+        return jax.jit(jax.vmap(f, in_axes=(None, 0)) if batched else f)(variables, x)
+
+    rows = run(fused=True)
+    monkeypatch.setattr(layers, 'ROW_VIEW_MAX_CHANNELS', 0)
+    ref = run(fused=True)
+    plain = run(fused=False)
+    for other in (ref, plain):
+        for a, r in zip(jax.tree_util.tree_leaves(rows), jax.tree_util.tree_leaves(other)):
+            np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_activation_matches_activation_of_conv():
     """Conv(activation=act) is act(Conv(x)) with the same parameters, in float32 and bfloat16."""
     x = jax.random.normal(jax.random.key(0), (2, 14, 14, 6))

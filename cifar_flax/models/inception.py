@@ -25,8 +25,8 @@ class ConvBNAct(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = Conv(self.features, self.kernel_size, self.strides, padding='SAME',
                     dtype=self.dtype, impl=self.conv)
-        x = conv_batch_norm(conv, batch_norm(train, self.dtype, frozen=self.frozen_bn), x)
-        return get_activation(self.activation)(x)
+        return conv_batch_norm(conv, batch_norm(train, self.dtype, frozen=self.frozen_bn), x,
+                               activation=get_activation(self.activation))
 
 
 class InceptionBlock(nn.Module):

@@ -987,7 +987,10 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, shift: jax.Array | None = None,
+                 activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """``activation`` (optional) is applied to the normalised map in the same pass
+        (channelwise)."""
         features = (x.shape[-1],)
         ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
         ra_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
@@ -1004,7 +1007,11 @@ class BatchNorm(nn.Module):
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
-        return ((x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias).astype(self.dtype)
+        def normalise(x, mean, factor, bias):
+            y = ((x - mean) * factor + bias).astype(self.dtype)
+            return y if activation is None else activation(y)
+
+        return channelwise(normalise, x, mean, lax.rsqrt(var + self.epsilon) * scale, bias)
 
 
 def batch_norm(train: bool, dtype: Any, name: str | None = None, frozen: bool = False) -> BatchNorm:
@@ -1013,13 +1020,15 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None, frozen: bool = 
     return BatchNorm(use_running_average=frozen or not train, dtype=dtype, name=name)
 
 
-def conv_batch_norm(conv: Conv, norm: BatchNorm, x: jax.Array) -> jax.Array:
-    """norm(conv(x)), conv's bias handed to the BatchNorm as its shift instead of added.
+def conv_batch_norm(conv: Conv, norm: BatchNorm, x: jax.Array,
+                    activation: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """activation(norm(conv(x))), conv's bias handed to the BatchNorm as its shift instead of added.
     In training the batch mean cancels the bias, so XLA:CPU no longer writes conv(x) + bias
     in a pass of its own (it cannot fuse an add into a matmul or convolution), and the
     bias's gradient, exactly zero, is no longer computed as a sum of rounding errors."""
     y = conv(x, add_bias=False)
-    return norm(y, shift=conv.get_variable('params', 'bias') if conv.use_bias else None)
+    return norm(y, shift=conv.get_variable('params', 'bias') if conv.use_bias else None,
+                activation=activation)
 
 
 def dense(features: int, dtype: Any, name: str | None = None) -> nn.Dense:
@@ -1091,28 +1100,42 @@ def _materialized_bwd(_, g):
 _materialized.defvjp(_materialized_fwd, _materialized_bwd)
 
 
+# Maps of at most this many channels take channelwise's row view on the CPU (LeNet-5's 6 and 16,
+# GoogLeNet's 16-filter layers); GoogLeNet's 32-filter BatchNorms measured no faster with it.
+ROW_VIEW_MAX_CHANNELS = 16
+
+
+def channelwise(fn: Callable[..., jax.Array], y: jax.Array, *vectors: jax.Array) -> jax.Array:
+    """``fn(y, *vectors)``, an elementwise function of an NHWC map and per-channel vectors
+    (broadcast over its last axis); on the CPU, for maps of up to ROW_VIEW_MAX_CHANNELS channels,
+    computed on the map's (n * h, w * c) view.
+
+    XLA:CPU's loop fusions run 2-3x slower per element over rows of 16 floats than of 256, and
+    emit exp (sigmoid, tanh, ...) as scalar code in many loops of more than two dimensions or
+    that read an operand through a reshape: sigmoid over (32, 10, 10, 16) took 320 us, over the
+    same data as (320, 160) 46 us. Each vector's row (tiled w times) is a matmul with a constant
+    0/1 matrix, as a tiled broadcast fused into fn is read through a reshape too; its transpose
+    sums the vector's gradient over rows. The gradient reaching the 4-D output is written once
+    before it is viewed as rows: else XLA fused the max pool's backward into the activation's
+    derivative on the 2-D view, read through a reshape (LeNet-5's first conv: 0.10 -> 0.24 ms).
+    Measured: LeNet-5's bias + sigmoid ~10% faster at batch 32, ~4% at 128; GoogLeNet's
+    16-channel BatchNorm + ReLU 1.06x at batch 32 (16 of 21 rounds faster, tools/ab_bench.py)
+    and 1.05x at 128 (10 of 15); see docs/performance.md.
+    """
+    if jax.default_backend() != 'cpu' or y.ndim != 4 or y.shape[-1] > ROW_VIEW_MAX_CHANNELS:
+        return fn(y, *vectors)
+    n, h, w, c = y.shape
+    tile = np.tile(np.eye(c), w)
+    rows = fn(y.reshape(n * h, w * c), *(v @ jnp.asarray(tile, v.dtype) for v in vectors))
+    return _gradient_barrier(rows.reshape(n, h, w, c))
+
+
 def bias_activation(y: jax.Array, bias: jax.Array | None, activation: Callable[[jax.Array], jax.Array]
                     ) -> jax.Array:
-    """``activation(y + bias)`` on an NHWC map; on the CPU computed on its (n * h, w * c) view.
-
-    XLA:CPU emits exp (sigmoid, tanh, ...) as scalar code in many loop fusions of more than
-    two dimensions or that read an operand through a reshape: sigmoid over (32, 10, 10, 16)
-    took 320 us, over the same data as (320, 160) 46 us (LeNet-5's second conv at batch 32:
-    0.29 -> 0.05 ms a step). The bias row (the bias tiled w times) is a matmul with a
-    constant 0/1 matrix, as a tiled broadcast fused into the activation is read through a
-    reshape too; its transpose sums the bias gradient over rows (0.14 -> 0.05 ms). The
-    gradient reaching the 4-D output is written once before it is viewed as rows: else XLA
-    fused the max pool's backward into the activation's derivative on the 2-D view, read
-    through a reshape (LeNet-5's first conv: 0.10 -> 0.24 ms). LeNet-5 trained ~10% faster
-    at batch 32, ~4% at 128 (alternating bench rounds).
-    """
-    if jax.default_backend() != 'cpu' or y.ndim != 4:
-        return activation(y if bias is None else y + bias)
-    n, h, w, c = y.shape
-    rows = y.reshape(n * h, w * c)
-    if bias is not None:
-        rows = rows + bias @ jnp.asarray(np.tile(np.eye(c), w), bias.dtype)
-    return _gradient_barrier(activation(rows).reshape(n, h, w, c))
+    """``activation(y + bias)`` on an NHWC map, computed channelwise (on the CPU: as rows)."""
+    if bias is None:
+        return channelwise(activation, y)
+    return channelwise(lambda y, bias: activation(y + bias), y, bias)
 
 
 @jax.custom_vjp
