@@ -5,8 +5,10 @@
 #   (on the GPU box, .devdata carried)  bash tools/gpu_sitting.sh
 #
 # Each part has its own timeout, so one that hangs or runs long cannot eat the others (the
-# defaults add up to ~590 s: the first sitting, 2026-12-04, needed more than 130 s for the
-# tests and 70 s for the sweep group, and ~60 s for the training part); all
+# first sitting, 2026-12-04, needed more than 130 s for the tests and 70 s for the sweep group,
+# and ~60 s for the training part, whose timeouts allow 300). With every other part using all
+# of its timeout (tests 170, bench 170, part 2b 3 x 40, sweep 120) that is ~640 s: past a
+# 600 s call the sweep group, last and least important, is what gets cut); all
 # output goes to $OUT/log.txt, the bench records to $OUT/bench_gpu.{jsonl,md} as they finish,
 # and the run folders' histories to $OUT/runs.tgz. Parts, most important first:
 #   1. tests whose code paths differ on a GPU: conv 'xla' vs the GEMM forms (outputs and
