@@ -729,9 +729,11 @@ _conv_winograd_tiles.defvjp(_conv_winograd_tiles_fwd, _conv_winograd_tiles_bwd)
 
 
 def conv_winograd_tiles(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
-                        tile: int = WINOGRAD_LARGE_TILE) -> jax.Array:
-    """Stride-1 SAME NHWC convolution with an odd square kernel by Winograd F(tile x tile, k x k),
-    with a custom VJP (see _conv_winograd_tiles_bwd). Computed in float32, as conv_winograd."""
+                        tile: int | None = None) -> jax.Array:
+    """Stride-1 SAME NHWC convolution with an odd square kernel by Winograd F(tile x tile, k x k)
+    (default WINOGRAD_LARGE_TILE, read at trace time like the other thresholds), with a custom VJP
+    (see _conv_winograd_tiles_bwd). Computed in float32, as conv_winograd."""
+    tile = tile or WINOGRAD_LARGE_TILE
     kh, kw = kernel.shape[:2]
     if kh != kw or kh % 2 == 0 or _pair(strides) != (1, 1) or padding.upper() != 'SAME':
         raise ValueError('conv_winograd_tiles takes odd square kernels, stride 1, SAME padding only')
