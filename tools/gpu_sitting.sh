@@ -4,13 +4,13 @@
 #   python tools/jpeg_pack.py pack ../shared/data/cifar10-jpeg .devdata/cifar10-jpeg.pack.npz
 #   (on the GPU box, .devdata carried)  bash tools/gpu_sitting.sh
 #
-# Each part has its own timeout, so one that hangs or runs long cannot eat the others (the
-# first sitting, 2026-12-04, needed more than 130 s for the tests and 70 s for the sweep group,
-# and ~60 s for the training part, whose timeouts allow 300). With every other part using all
-# of its timeout (tests 170, bench 170, part 2b 3 x 40, sweep 120) that is ~640 s: past a
-# 600 s call the sweep group, last and least important, is what gets cut); all
-# output goes to $OUT/log.txt, the bench records to $OUT/bench_gpu.{jsonl,md} as they finish,
-# and the run folders' histories to $OUT/runs.tgz. Parts, most important first:
+# Each part has its own timeout, so one that hangs or runs long cannot eat the others. The
+# first sitting, 2026-12-04, needed more than 130 s for the tests, 70 s for the sweep group and
+# ~60 s for the training part (whose timeouts allow 300). With that training time and every
+# other part using all of its timeout (tests 170, bench 170, part 2b 3 x 40, sweep 120), the
+# sitting takes ~640 s: past a 600 s call, the sweep group, last and least important, is what
+# gets cut. All output goes to $OUT/log.txt, the bench records to $OUT/bench_gpu.{jsonl,md} as
+# they finish, and the run folders' histories to $OUT/runs.tgz. Parts, most important first:
 #   1. tests whose code paths differ on a GPU: conv 'xla' vs the GEMM forms (outputs and
 #      gradients), 'auto' resolving to XLA's convolution and pooling, the bench, exact resume;
 #   2. tools/gpu_bench.py: every network at batch 32 and 128 in float32, then bfloat16 and
