@@ -1,7 +1,7 @@
 """Throughput benchmark: training and inference images/second of one network.
 
     python -m cifar_flax.bench --model vgg16 --batch 128 [--steps 10] [--windows 5]
-        [--dtype float32|bfloat16] [--devices N] [--conv auto|xla|gemm|hybrid]
+        [--dtype float32|bfloat16] [--devices N] [--conv auto|xla|gemm|hybrid|onednn]
         [--mode step|scan] [--data SPEC] [--peak]
 
 prints one JSON line. Training counts real optimiser steps, as `train.fit` runs
@@ -16,7 +16,8 @@ Inference times `model.apply(train=False)` on the same batches.
 Model FLOPs come from XLA's cost analysis of one lowered train step and one
 forward pass of the same network with XLA's own convolution (`conv='xla'`: the
 other implementations loop over slices, and a loop's body is counted once), so
-they count the model's arithmetic, not the implementation's; ``--peak`` also measures a float32 4096x4096 matmul so that
+they count the model's arithmetic, not the implementation's (`onednn` in the record: whether
+oneDNN's convolutions ran, see models/onednn.py); ``--peak`` also measures a float32 4096x4096 matmul so that
 achieved FLOP/s can be reported as a fraction of what this machine's matmul reaches.
 """
 
@@ -199,6 +200,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
 
     from cifar_flax import data as data_lib, train, xla_options
     from cifar_flax.models import canonical_name, count_params
+    from cifar_flax.models import layers
     from cifar_flax.models.layers import resolve_conv_impl
 
     if mode not in MODES:
@@ -274,7 +276,8 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     train_flops, eval_flops = model_flops(config, tx, batch)
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
-              'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'mode': mode,
+              'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'onednn': layers.uses_onednn(conv),
+              'mode': mode,
               'train_gflops': None, 'flops_fraction': None,
               'train_flops_per_image': round(train_flops) if train_flops else None,
               'eval_flops_per_image': round(eval_flops) if eval_flops else None, 'peak_gflops': None,

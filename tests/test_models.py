@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model, layers
+from cifar_flax.models import ACTIVATIONS, MODEL_NAMES, count_params, get_model, layers, onednn
 from cifar_flax.models.layers import (WINOGRAD_MIN_SIZE, Conv, conv_gemm, conv_hybrid, conv_shifted_sum,
                                       conv_toeplitz, conv_winograd, conv_xla, max_pool, resolve_conv_impl,
                                       toeplitz_block, winograd_conv_applies,
@@ -26,6 +26,14 @@ SMALL = ('lenet5', 'inception10')  # cheap enough to run forward passes of in ev
 
 
 # Everything is jitted: eager op-by-op dispatch compiles every op separately and is far slower.
+
+
+@pytest.fixture(autouse=True)
+def xla_forms(monkeypatch):
+    """The hybrid conv without oneDNN: what runs where it is not installed. The oneDNN path is
+    compared here as its own impl, and as the hybrid conv's in test_onednn.py."""
+    monkeypatch.setattr(layers, 'ONEDNN_CONV', False)
+
 
 def init(model, batch=2, seed=0):
     x = jax.random.normal(jax.random.key(seed), (batch, 32, 32, 3))
@@ -197,7 +205,8 @@ def test_conv_impls_agree(k, s, padding, cin, cout, size):
 
     (_, ref), ref_grads = jax.jit(jax.value_and_grad(lambda *a: loss(conv_xla, *a), (0, 1), has_aux=True))(x, kernel)
     chunked_hybrid = functools.partial(conv_hybrid, chunk=1)  # batch 2: two native-conv slices
-    for fn in (conv_gemm, conv_shifted_sum, conv_hybrid, chunked_hybrid):
+    impls = (conv_gemm, conv_shifted_sum, conv_hybrid, chunked_hybrid) + ((layers.conv_onednn,) if onednn.available() else ())
+    for fn in impls:
         (_, out), grads = jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), (0, 1), has_aux=True))(x, kernel)
         assert out.shape == ref.shape
         for a, b in zip((out, *grads), (ref, *ref_grads)):
@@ -277,7 +286,7 @@ def test_networks_agree_across_conv_impls(name):
     xla = get_model(name, conv='xla', pool='xla')
     variables, x = init(xla)
     ref = eval_apply(xla, variables, x)
-    for conv in ('gemm', 'hybrid'):
+    for conv in ('gemm', 'hybrid') + (('onednn',) if onednn.available() else ()):
         np.testing.assert_allclose(eval_apply(get_model(name, conv=conv, pool='slices'), variables, x), ref,
                                    rtol=1e-4, atol=1e-4)
 

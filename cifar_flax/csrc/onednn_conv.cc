@@ -1,0 +1,201 @@
+// oneDNN 2-D convolutions (NHWC activations, HWIO kernels, float32) as XLA FFI handlers for
+// the CPU: forward, input gradient and kernel gradient, called from cifar_flax/models/onednn.py
+// through jax.ffi.ffi_call. oneDNN is the library PyTorch and TF-Keras run their CPU
+// convolutions on; XLA:CPU's own convolution and the matmul-based forms in layers.py are slower
+// on wide layers with large maps (docs/performance.md).
+//
+// Each handler builds its primitive for the shapes it is called with; oneDNN's primitive cache
+// keeps the compiled kernels, and ours keeps the primitive descriptors (whose creation picks an
+// implementation), keyed by shapes and attributes. Weights are reordered to and from the blocked
+// layout oneDNN chooses ("any"); activations stay NHWC, as in PyTorch's channels-last mode.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// Each convolution gets its scratch memory from us, per call: oneDNN's own ("library" mode) is
+// shared between primitives and not safe when XLA runs two convolutions on two threads at once.
+dnnl::primitive_attr Attr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// oneDNN's OpenMP threads: all of them (OMP_NUM_THREADS, else one a core), read when the library
+// loads, or one, as each call asks. A call sets its own count, on the XLA thread it runs on,
+// before its primitive is built (oneDNN plans its work for the thread count it sees then) and
+// before it runs: narrow layers run on one thread while XLA runs other ops on the other cores.
+const int kAllThreads = omp_get_max_threads();
+
+int ThreadsFor(int64_t requested) { return requested == 1 ? 1 : kAllThreads; }
+
+// (N, H, W, C) activations, (KH, KW, C, K) kernel, strides, pads (top, left, bottom, right).
+struct ConvShape {
+  int64_t n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads;
+  auto Key() const { return std::make_tuple(n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads); }
+  memory::desc Src() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, k, oh, ow}, dt::f32, tag::nhwc); }
+  memory::desc WeightsAny() const { return memory::desc({k, c, kh, kw}, dt::f32, tag::any); }
+  memory::desc WeightsHwio() const { return memory::desc({k, c, kh, kw}, dt::f32, tag::hwio); }
+  memory::dims Strides() const { return {sh, sw}; }
+  memory::dims PadLo() const { return {pt, pl}; }
+  memory::dims PadHi() const { return {pb, pr}; }
+};
+
+dnnl::convolution_forward::primitive_desc ForwardPd(const ConvShape& s) {
+  auto desc = dnnl::convolution_forward::desc(
+      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.Src(),
+      s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
+  return dnnl::convolution_forward::primitive_desc(desc, Attr(), Engine());
+}
+
+// Everything one call needs, built once per shape.
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc scratchpad;
+  memory::desc weights;  // the layout the primitive wants
+  bool has_reorder = false;  // HWIO <-> that layout
+  dnnl::reorder reorder;
+  memory::desc reorder_scratchpad;
+};
+
+template <typename PrimitiveDesc>
+Plan MakePlan(const dnnl::primitive& conv, const PrimitiveDesc& pd, const memory::desc& weights,
+              const ConvShape& s, bool weights_in) {
+  Plan plan{conv, pd.scratchpad_desc(), weights};
+  plan.has_reorder = weights != s.WeightsHwio();
+  if (plan.has_reorder) {
+    auto from = weights_in ? s.WeightsHwio() : weights, to = weights_in ? weights : s.WeightsHwio();
+    auto reorder_pd = dnnl::reorder::primitive_desc(Engine(), from, Engine(), to, Attr());
+    plan.reorder = dnnl::reorder(reorder_pd);
+    plan.reorder_scratchpad = reorder_pd.scratchpad_desc();
+  }
+  return plan;
+}
+
+template <typename Build>
+const Plan& CachedPlan(int kind, const ConvShape& s, Build build) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, decltype(s.Key())>, std::unique_ptr<Plan>> plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& slot = plans[std::make_tuple(kind, s.Key())];
+  if (!slot) slot = std::make_unique<Plan>(build());
+  return *slot;
+}
+
+// The call's shape and thread count; sets this thread's OpenMP thread count for what follows.
+ConvShape SetUp(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Span<const int64_t> w,
+                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads) {
+  omp_set_num_threads(ThreadsFor(threads));
+  return ConvShape{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl, pb, pr, ThreadsFor(threads)};
+}
+
+// Runs the convolution with ``args`` (its activations) and the HWIO weights ``hwio``: read
+// (weights_in) or written (the kernel gradient), through the plan's reorder when it has one.
+ffi::Error Run(const Plan& plan, std::unordered_map<int, memory> args, memory hwio, bool weights_in,
+               int weights_arg) {
+  try {
+    dnnl::stream stream(Engine());
+    args.insert({DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, Engine())});
+    if (!plan.has_reorder) {
+      args.insert({weights_arg, hwio});
+      plan.conv.execute(stream, args);
+    } else {
+      memory blocked(plan.weights, Engine());
+      std::unordered_map<int, memory> reorder_args{
+          {DNNL_ARG_FROM, weights_in ? hwio : blocked}, {DNNL_ARG_TO, weights_in ? blocked : hwio},
+          {DNNL_ARG_SCRATCHPAD, memory(plan.reorder_scratchpad, Engine())}};
+      args.insert({weights_arg, blocked});
+      if (weights_in) plan.reorder.execute(stream, reorder_args);
+      plan.conv.execute(stream, args);
+      if (!weights_in) plan.reorder.execute(stream, reorder_args);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
+                       int64_t threads) {
+  ConvShape s = SetUp(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+  const Plan& plan = CachedPlan(0, s, [&] {
+    auto pd = ForwardPd(s);
+    return MakePlan(dnnl::convolution_forward(pd), pd, pd.weights_desc(), s, true);
+  });
+  memory src(s.Src(), Engine(), x.typed_data()), dst(s.Dst(), Engine(), y->typed_data());
+  memory hwio(s.WeightsHwio(), Engine(), w.typed_data());
+  return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}}, hwio, true, DNNL_ARG_WEIGHTS);
+}
+
+ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                         int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
+                       int64_t threads) {
+  ConvShape s = SetUp(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+  const Plan& plan = CachedPlan(1, s, [&] {
+    auto desc = dnnl::convolution_backward_data::desc(
+        dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
+    auto pd = dnnl::convolution_backward_data::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+    return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), s, true);
+  });
+  memory diff_dst(s.Dst(), Engine(), g.typed_data()), diff_src(s.Src(), Engine(), dx->typed_data());
+  memory hwio(s.WeightsHwio(), Engine(), w.typed_data());
+  return Run(plan, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_SRC, diff_src}}, hwio, true, DNNL_ARG_WEIGHTS);
+}
+
+ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
+                          int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
+                       int64_t threads) {
+  ConvShape s = SetUp(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
+  const Plan& plan = CachedPlan(2, s, [&] {
+    auto desc = dnnl::convolution_backward_weights::desc(
+        dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+    return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), s, false);
+  });
+  memory src(s.Src(), Engine(), x.typed_data()), diff_dst(s.Dst(), Engine(), g.typed_data());
+  memory hwio(s.WeightsHwio(), Engine(), dw->typed_data());
+  return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}}, hwio, false, DNNL_ARG_DIFF_WEIGHTS);
+}
+
+#define CONV_BINDING(first, second)                                                     \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+      .Attr<int64_t>("stride_h")                                                        \
+      .Attr<int64_t>("stride_w")                                                        \
+      .Attr<int64_t>("pad_top")                                                         \
+      .Attr<int64_t>("pad_left")                                                        \
+      .Attr<int64_t>("pad_bottom")                                                      \
+      .Attr<int64_t>("pad_right")                                                       \
+      .Attr<int64_t>("threads")
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl, CONV_BINDING(x, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGradImpl, CONV_BINDING(g, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGradImpl, CONV_BINDING(x, g));

@@ -1,0 +1,136 @@
+"""oneDNN convolutions on the CPU, called from XLA through its FFI (`cifar_flax/csrc/onednn_conv.cc`).
+
+oneDNN is what PyTorch and TF-Keras run their CPU convolutions on. On the wide layers of
+large maps (ResNet-18's and VGG16's 32x32x64 and 16x16x128 3x3s) its direct convolutions
+train about twice as fast as XLA:CPU's own or our matmul forms (docs/performance.md), so
+`layers.conv_hybrid` hands those layers to it when it is here.
+
+It is here when the oneDNN development files are installed (Debian/Ubuntu: `apt-get install
+libdnnl-dev`) and a C++ compiler is on the PATH: the handlers are compiled once per source
+and jaxlib version into the user cache (`$XDG_CACHE_HOME/cifar_flax`, else
+`~/.cache/cifar_flax`) and registered with XLA on first use. Without them, or with
+`CIFAR_FLAX_ONEDNN=0` in the environment, `available()` is False and the XLA forms are used:
+the same parameters and results within float tolerance.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parents[1] / 'csrc' / 'onednn_conv.cc'
+TARGETS = {'forward': 'OnednnConvForward', 'input_grad': 'OnednnConvInputGrad',
+           'kernel_grad': 'OnednnConvKernelGrad'}
+ENV_SWITCH = 'CIFAR_FLAX_ONEDNN'
+
+
+class OnednnUnavailable(RuntimeError):
+    """The oneDNN convolutions cannot be built or loaded here; the message says why."""
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+    return Path(base) / 'cifar_flax'
+
+
+def _compiler() -> str:
+    for name in (os.environ.get('CXX'), 'g++', 'c++', 'clang++'):
+        if name and shutil.which(name):
+            return name
+    raise OnednnUnavailable('no C++ compiler (g++, c++ or clang++) on the PATH')
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile the handlers (once per source and jaxlib version) and return the library's path."""
+    source = SOURCE.read_bytes()
+    versions = f"{jax.__version__} {importlib.metadata.version('jaxlib')}".encode()
+    digest = hashlib.sha256(source + versions).hexdigest()[:16]
+    target = (cache_dir or _cache_dir()) / f'onednn_conv-{digest}.so'
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compiled to a private name, then renamed: concurrent processes (pytest -n) never load half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        command = [_compiler(), '-O2', '-shared', '-fPIC', '-std=c++17', '-w', '-fopenmp',
+                   f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(out), '-ldnnl']
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            hint = ' (install the oneDNN headers: apt-get install libdnnl-dev)' if 'dnnl' in result.stderr else ''
+            raise OnednnUnavailable(f'building {SOURCE.name} failed{hint}:\n{result.stderr[-2000:]}')
+        os.replace(out, target)
+    return target
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build and register the FFI targets once per process; None on success, else why not."""
+    if os.environ.get(ENV_SWITCH, '1') == '0':
+        return f'{ENV_SWITCH}=0'
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+    except (OnednnUnavailable, OSError) as e:
+        return str(e)
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(f'onednn_conv_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform='cpu')
+    return None
+
+
+def available() -> bool:
+    """True when the oneDNN convolutions can run here: a CPU backend and the library built."""
+    return jax.default_backend() == 'cpu' and _load() is None
+
+
+def require() -> None:
+    if jax.default_backend() != 'cpu':
+        raise OnednnUnavailable(f'the oneDNN convolutions run on the CPU; the backend is {jax.default_backend()!r}')
+    reason = _load()
+    if reason is not None:
+        raise OnednnUnavailable(f'the oneDNN convolutions are not available: {reason}')
+
+
+def _call(target: str, shape, *operands, strides, pads, threads):
+    (top, bottom), (left, right) = pads
+    attributes = {'stride_h': strides[0], 'stride_w': strides[1], 'pad_top': top, 'pad_left': left,
+                  'pad_bottom': bottom, 'pad_right': right, 'threads': threads}
+    # A vmapped call (a sweep's members) runs the members one after another.
+    return jax.ffi.ffi_call(f'onednn_conv_{target}', jax.ShapeDtypeStruct(shape, np.float32),
+                            vmap_method='sequential')(*operands, **{k: np.int64(v) for k, v in attributes.items()})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, threads: int = 0) -> jax.Array:
+    """NHWC x HWIO -> NHWC float32 convolution; ``pads`` ((top, bottom), (left, right)).
+
+    ``threads``: 0 runs each of its oneDNN calls on all of oneDNN's OpenMP threads, 1 on one
+    (narrow layers, so that XLA can run other ops beside them: layers.onednn_threads)."""
+    n, h, w, _ = x.shape
+    kh, kw, _, features = kernel.shape
+    out_h = (h + sum(pads[0]) - kh) // strides[0] + 1
+    out_w = (w + sum(pads[1]) - kw) // strides[1] + 1
+    return _call('forward', (n, out_h, out_w, features), x, kernel, strides=strides, pads=pads, threads=threads)
+
+
+def _conv_fwd(x, kernel, strides, pads, threads):
+    return conv(x, kernel, strides, pads, threads), (x, kernel)
+
+
+def _conv_bwd(strides, pads, threads, residuals, g):
+    x, kernel = residuals
+    dx = _call('input_grad', x.shape, g, kernel, strides=strides, pads=pads, threads=threads)
+    dk = _call('kernel_grad', kernel.shape, x, g, strides=strides, pads=pads, threads=threads)
+    return dx, dk
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)

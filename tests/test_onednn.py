@@ -1,0 +1,133 @@
+"""The oneDNN convolutions (models/onednn.py): the same outputs and gradients as XLA's, and the
+hybrid conv's use of them. Skipped where oneDNN is not installed (apt-get install libdnnl-dev)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cifar_flax.models import MODEL_NAMES, get_model, layers, onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason='oneDNN not available (apt-get install libdnnl-dev)')
+
+
+def _lowered(fn, *args) -> str:
+    # a fresh function each time: jit caches traces per function, and the switches are read at trace time
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+def _loss(conv):
+    # a nonlinear readout, so that the output gradient differs per pixel
+    return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+
+
+@pytest.mark.parametrize('threads', [0, 1])
+@pytest.mark.parametrize('shape,k,strides,padding', [
+    ((2, 9, 9, 5, 7), 3, (1, 1), 'SAME'), ((3, 8, 10, 6, 4), 3, (2, 2), 'SAME'), ((2, 7, 7, 3, 5), 3, (1, 1), 'VALID'),
+    ((2, 12, 12, 4, 6), 5, (1, 1), 'SAME'), ((1, 9, 11, 8, 3), 5, (2, 1), 'VALID'), ((2, 6, 6, 4, 4), 1, (1, 1), 'SAME')])
+def test_conv_matches_xla_with_gradients(shape, k, strides, padding, threads):
+    n, h, w, cin, cout = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.3
+    pads = lax.padtype_to_pads((h, w), (k, k), strides, padding)
+    ref = jax.value_and_grad(_loss(lambda x, k: lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))), (0, 1))(x, kernel)
+    got = jax.jit(jax.value_and_grad(_loss(lambda x, k: onednn.conv(x, k, strides, pads, threads)), (0, 1)))(x, kernel)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-4)
+    for g, r in zip(got[1], ref[1]):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_inside_scan_and_vmap():
+    """Inside lax.scan (train.fit's loop) and vmapped over members (sweeps), as a batch of calls."""
+    xs = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 4))
+    kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
+    pads = ((1, 1), (1, 1))
+
+    def step(carry, xk):
+        x, k = xk
+        return carry + jax.grad(_loss(lambda x, k: onednn.conv(x, k, (1, 1), pads)), 1)(x, k).sum(), None
+
+    def ref_step(carry, xk):
+        x, k = xk
+        conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return carry + jax.grad(_loss(conv), 1)(x, k).sum(), None
+
+    got = jax.jit(lambda: lax.scan(step, 0.0, (xs, kernels))[0])()
+    ref = lax.scan(ref_step, 0.0, (xs, kernels))[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    vmapped = jax.vmap(lambda x, k: onednn.conv(x, k, (1, 1), pads))(xs, kernels)
+    for m in range(3):
+        np.testing.assert_allclose(vmapped[m], onednn.conv(xs[m], kernels[m], (1, 1), pads), rtol=1e-6)
+
+
+def test_hybrid_hands_wide_layers_to_onednn_and_matches_xla(monkeypatch):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 16))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) * 0.1
+    text = _lowered(jax.grad(_loss(layers.conv_hybrid), (0, 1)), x, kernel)
+    assert text.count('onednn_conv_') == 3  # forward, input and kernel gradient
+    got = jax.grad(_loss(layers.conv_hybrid), (0, 1))(x, kernel)
+    ref = jax.grad(_loss(layers.conv_xla), (0, 1))(x, kernel)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(layers, 'ONEDNN_CONV', False)
+    assert 'onednn_conv_' not in _lowered(layers.conv_hybrid, x, kernel)
+
+
+@pytest.mark.parametrize('shape,expect', [
+    ((2, 6, 6, 16, 8), True),  # 36 output pixels
+    ((2, 4, 4, 16, 8), False),  # 16 pixels: Winograd / im2col win on small maps
+    ((2, 8, 8, 4, 8), False),  # few input channels: the banded matmul (conv_toeplitz)
+    ((2, 8, 8, 16, 8), True)])
+def test_hybrid_onednn_rule(shape, expect):
+    n, h, w, cin, cout = shape
+    x = jnp.zeros((n, h, w, cin))
+    assert ('onednn_conv_' in _lowered(layers.conv_hybrid, x, jnp.zeros((3, 3, cin, cout)))) == expect
+    assert 'onednn_conv_' not in _lowered(layers.conv_hybrid, x, jnp.zeros((1, 1, cin, cout)))
+
+
+def test_threads_by_width():
+    assert layers.onednn_threads(jnp.zeros((3, 3, 64, 128))) == 0
+    assert layers.onednn_threads(jnp.zeros((3, 3, 16, 128))) == 1
+
+
+def test_explicit_impl_rejects_bfloat16():
+    with pytest.raises(ValueError, match='float32 only'):
+        layers.conv_onednn(jnp.zeros((1, 8, 8, 4), jnp.bfloat16), jnp.zeros((3, 3, 4, 4), jnp.bfloat16))
+
+
+def test_build_failure_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn, 'SOURCE', tmp_path / 'broken.cc')
+    (tmp_path / 'broken.cc').write_text('#include "oneapi/dnnl/no_such_header.hpp"\n')
+    with pytest.raises(onednn.OnednnUnavailable, match='libdnnl-dev'):
+        onednn.build(tmp_path / 'cache')
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_networks_with_onednn_match_xla(name):
+    """Each network's default (hybrid) conv, oneDNN where it applies, against XLA's convolutions:
+    eval outputs, and a train-mode loss gradient for the two that hand both narrow (one thread)
+    and wide (all threads) layers to oneDNN."""
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    ref_model, model = get_model(name, conv='xla', pool='xla'), get_model(name)
+    variables = jax.jit(lambda x: ref_model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)},
+                                                 x, train=False))(x)
+    # LeNet-5's convs have 3 and 6 input channels: banded matmuls (conv_toeplitz)
+    uses_onednn = 'onednn_conv_' in _lowered(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert uses_onednn == (name != 'lenet5')
+    outputs = [jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))(variables, x) for m in (ref_model, model)]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+    if name not in ('inception10', 'resnet18'):
+        return
+
+    def loss(m, params):
+        logits, _ = m.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(logits))
+
+    ref, got = (jax.jit(jax.grad(functools.partial(loss, m)))(variables['params']) for m in (ref_model, model))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
