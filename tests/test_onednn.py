@@ -2,6 +2,7 @@
 hybrid conv's use of them. Skipped where oneDNN is not installed (apt-get install libdnnl-dev)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,8 @@ def test_hybrid_hands_wide_layers_to_onednn_and_matches_xla(monkeypatch):
 @pytest.mark.parametrize('shape,expect', [
     ((2, 6, 6, 16, 8), True),  # 36 output pixels
     ((2, 4, 4, 16, 8), False),  # 16 pixels: Winograd / im2col win on small maps
-    ((2, 8, 8, 4, 8), False),  # few input channels: the banded matmul (conv_toeplitz)
+    ((2, 8, 8, 4, 8), False),  # few input channels on a small batch: the banded matmul (conv_toeplitz)
+    ((1024, 8, 8, 4, 8), True),  # ... on 65,536 output pixels: oneDNN
     ((2, 8, 8, 16, 8), True)])
 def test_hybrid_onednn_rule(shape, expect):
     n, h, w, cin, cout = shape
@@ -90,9 +92,14 @@ def test_hybrid_onednn_rule(shape, expect):
     assert 'onednn_conv_' not in _lowered(layers.conv_hybrid, x, jnp.zeros((1, 1, cin, cout)))
 
 
-def test_threads_by_width():
-    assert layers.onednn_threads(jnp.zeros((3, 3, 64, 128))) == 0
-    assert layers.onednn_threads(jnp.zeros((3, 3, 16, 128))) == 1
+def test_threads_per_network():
+    """GoogLeNet's convs ask for one thread each (its branches run side by side), ResNet-18's for all."""
+    for name, threads in (('inception10', 1), ('resnet18', 0)):
+        model, x = get_model(name), jnp.zeros((2, 32, 32, 3))
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        text = _lowered(lambda v, x: model.apply(v, x), variables, x)
+        found = set(re.findall(r'threads = (\d+) : i64', text))
+        assert found == {str(threads)}, (name, found)
 
 
 def test_explicit_impl_rejects_bfloat16():
@@ -116,7 +123,7 @@ def test_networks_with_onednn_match_xla(name):
     ref_model, model = get_model(name, conv='xla', pool='xla'), get_model(name)
     variables = jax.jit(lambda x: ref_model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)},
                                                  x, train=False))(x)
-    # LeNet-5's convs have 3 and 6 input channels: banded matmuls (conv_toeplitz)
+    # LeNet-5's convs have 3 and 6 input channels: at batch 2, banded matmuls (conv_toeplitz)
     uses_onednn = 'onednn_conv_' in _lowered(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert uses_onednn == (name != 'lenet5')
     outputs = [jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))(variables, x) for m in (ref_model, model)]

@@ -9,7 +9,10 @@
 // implementation), keyed by shapes and attributes. Weights are reordered to and from the blocked
 // layout oneDNN chooses ("any"); activations stay NHWC, as in PyTorch's channels-last mode.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -111,21 +114,43 @@ ConvShape SetUp(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Spa
   return ConvShape{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl, pb, pr, ThreadsFor(threads)};
 }
 
+// Memory a thread reuses from call to call (scratchpads, blocked weights), grown as needed:
+// allocated afresh, it cost page faults and a stream on every call of every step.
+enum Slot { kScratchpad, kReorderScratchpad, kBlockedWeights, kSlots };
+
+memory ThreadMemory(Slot slot, const memory::desc& desc) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[kSlots];
+  Buffer& buffer = buffers[slot];
+  size_t bytes = std::max<size_t>(64, (desc.get_size() + 63) / 64 * 64);
+  if (buffer.size < bytes) {
+    std::free(buffer.data);
+    buffer.data = std::aligned_alloc(64, bytes);
+    buffer.size = buffer.data ? bytes : 0;
+    if (!buffer.data) throw std::bad_alloc();
+  }
+  return memory(desc, Engine(), buffer.data);
+}
+
 // Runs the convolution with ``args`` (its activations) and the HWIO weights ``hwio``: read
 // (weights_in) or written (the kernel gradient), through the plan's reorder when it has one.
 ffi::Error Run(const Plan& plan, std::unordered_map<int, memory> args, memory hwio, bool weights_in,
                int weights_arg) {
   try {
-    dnnl::stream stream(Engine());
-    args.insert({DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad, Engine())});
+    thread_local dnnl::stream stream(Engine());
+    args.insert({DNNL_ARG_SCRATCHPAD, ThreadMemory(kScratchpad, plan.scratchpad)});
     if (!plan.has_reorder) {
       args.insert({weights_arg, hwio});
       plan.conv.execute(stream, args);
     } else {
-      memory blocked(plan.weights, Engine());
+      memory blocked = ThreadMemory(kBlockedWeights, plan.weights);
       std::unordered_map<int, memory> reorder_args{
           {DNNL_ARG_FROM, weights_in ? hwio : blocked}, {DNNL_ARG_TO, weights_in ? blocked : hwio},
-          {DNNL_ARG_SCRATCHPAD, memory(plan.reorder_scratchpad, Engine())}};
+          {DNNL_ARG_SCRATCHPAD, ThreadMemory(kReorderScratchpad, plan.reorder_scratchpad)}};
       args.insert({weights_arg, blocked});
       if (weights_in) plan.reorder.execute(stream, reorder_args);
       plan.conv.execute(stream, args);
@@ -134,6 +159,8 @@ ffi::Error Run(const Plan& plan, std::unordered_map<int, memory> args, memory hw
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN: out of memory for its scratch space");
   }
   return ffi::Error::Success();
 }

@@ -9,8 +9,9 @@ them cost ~6 s per batch of 128, hence the 8-15 img/s of a plain nn.Conv VGG16),
 and (b) slows down 2-3x per image above ~32 images, mostly in the kernel
 gradient. im2col + one matmul avoids (a) but pays for building the patches
 (XLA:CPU's concat/slice fusions move only a few GB/s), so it loses to the native
-conv on large maps. 'hybrid' (the CPU default) takes the best of each per layer;
-on GPU the native convolution is used. ``Conv`` keeps the exact parameter
+conv on large maps. 'hybrid' (the CPU default) takes the best of each per layer,
+and oneDNN's convolution (models/onednn.py, the library the peers use) where it is
+installed and faster; on GPU the native convolution is used. ``Conv`` keeps the exact parameter
 layout of ``flax.linen.Conv`` (``kernel`` (kh, kw, cin, cout), ``bias`` (cout,))
 so checkpoints do not depend on the implementation.
 """
@@ -789,9 +790,12 @@ _conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
 def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
-                chunk: int | None = None) -> jax.Array:
+                chunk: int | None = None, onednn_threads: int = 0) -> jax.Array:
     """The fastest measured form per layer on XLA:CPU, also inside lax.scan.
 
+    Where oneDNN is installed, layers with a kernel larger than 1x1 and at least
+    ONEDNN_MIN_PIXELS output pixels (and, with few input channels, enough images) run its convolution (onednn.conv, on ``onednn_threads``
+    threads: 0 all, 1 one); everything below is what runs without it, and for the rest.
     Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
     (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
     images. 1x1 kernels, maps smaller than the kernel and output maps of at most
@@ -821,7 +825,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     padded_hw = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
     out_hw = _out_hw(padded_hw, (kh, kw), strides)
     if onednn_applies(x, kernel, out_hw):
-        return onednn.conv(x, kernel, strides, pads, onednn_threads(kernel))
+        return onednn.conv(x, kernel, strides, pads, onednn_threads)
     if x.shape[-1] <= HYBRID_GEMM_MAX_CHANNELS:
         if strides == (1, 1) and (kh, kw) != (1, 1):
             return conv_toeplitz(x, kernel, strides, padding)
@@ -836,49 +840,48 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     return _conv_canonical(x, kernel, strides, padding.upper(), chunk)
 
 
-def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME') -> jax.Array:
+def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
+                onednn_threads: int = 0) -> jax.Array:
     """oneDNN's direct convolution (float32, CPU; models/onednn.py), forward and both gradients."""
     onednn.require()
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(f'the oneDNN convolutions are float32 only, got {x.dtype} and {kernel.dtype}')
     strides = _pair(strides)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    return onednn.conv(x, kernel, strides, pads, onednn_threads(kernel))
+    return onednn.conv(x, kernel, strides, pads, onednn_threads)
 
 
-# conv_hybrid hands a layer of more than HYBRID_GEMM_MAX_CHANNELS input channels to oneDNN (when
-# it is available: models/onednn.py) when its kernel is larger than 1x1 and its output map has at
-# least ONEDNN_MIN_PIXELS pixels. Forward and both gradients of one layer at batch 128 (jit, median
-# of 7, 2-core AVX-512 Xeon), oneDNN against the forms below: 32x32x64 2.06x faster, 16x16x64->128
-# 1.77x, 16x16x128 1.43x, stride-2 32x32x64->128 1.95x, GoogLeNet's 16x16x16 3x3 2.16x and 5x5
-# 2.38x, AlexNet's 5x5x384 1.30x; 8x8x256 1.00x, 4x4x512 0.68x, 2x2x512 0.48x (Winograd wins).
+# conv_hybrid hands a layer to oneDNN (when it is available: models/onednn.py) when its kernel is
+# larger than 1x1 and its output map has at least ONEDNN_MIN_PIXELS pixels. Forward and both
+# gradients of one layer at batch 128 (jit, median of 7, 2-core AVX-512 Xeon), oneDNN against the
+# XLA forms below: 32x32x64 2.06x faster, 16x16x64->128 1.77x, 16x16x128 1.43x, stride-2
+# 32x32x64->128 1.95x, GoogLeNet's 16x16x16 3x3 2.16x and 5x5 2.38x, AlexNet's 5x5x384 1.30x;
+# 8x8x256 1.00x, 4x4x512 0.68x, 2x2x512 0.48x (Winograd wins there). 1x1 convs stay matmuls
+# (ONEDNN_POINTWISE: GoogLeNet 1.00x at batch 128, 0.87x at 32; ResNet-18 0.99x at 32).
+# Layers of at most HYBRID_GEMM_MAX_CHANNELS input channels (first layers, LeNet-5's) take it
+# from ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS output pixels a call (batch 64 of 32x32 maps), the
+# banded matmul below that. In one process, oneDNN for them against the banded matmul: LeNet-5
+# at batch 32 0.92x, at 128 1.04x and 1.13x; GoogLeNet's stem at 32 1.06x, at 128 1.07x;
+# AlexNet at 128 1.05x; VGG16 at 32 1.01x; ResNet-18 at 32 1.02x, at 128 1.02x.
 ONEDNN_CONV = True
 ONEDNN_MIN_PIXELS = 25
-ONEDNN_MIN_CHANNELS = HYBRID_GEMM_MAX_CHANNELS + 1
+ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = 65536
 ONEDNN_POINTWISE = False
-# Layers with fewer input or output channels than this run each oneDNN call on one thread
-# (GoogLeNet's 16- and 32-channel branches, which XLA runs side by side), wider ones on all.
-# In one process (tools/ab_bench.py), GoogLeNet at batch 32 with every oneDNN call on one
-# thread against XLA's forms: 1.33x (7 of 7 rounds faster); on both cores 0.91x (0 of 7);
-# ResNet-18 at batch 32 on one thread 0.77x, on both 1.18x.
-ONEDNN_ALL_THREADS_MIN_CHANNELS = 64
+
+
+def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw) -> bool:
+    pixels = out_hw[0] * out_hw[1]
+    enough_work = (x.shape[-1] > HYBRID_GEMM_MAX_CHANNELS
+                   or x.shape[0] * pixels >= ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS)
+    return (ONEDNN_CONV and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
+            and enough_work and onednn.available())
 
 
 def uses_onednn(impl: str) -> bool:
     """Whether convs of ``impl`` ('auto' resolved here) run oneDNN's convolutions where they apply."""
     impl = resolve_conv_impl(impl)
     return impl == 'onednn' or (impl == 'hybrid' and ONEDNN_CONV and onednn.available())
-
-
-def onednn_threads(kernel: jax.Array) -> int:
-    """onednn.conv's ``threads``: 0 (all) for wide layers, 1 for narrow ones."""
-    return 0 if min(kernel.shape[2:]) >= ONEDNN_ALL_THREADS_MIN_CHANNELS else 1
-
-
-def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw) -> bool:
-    return (ONEDNN_CONV and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and x.shape[-1] >= ONEDNN_MIN_CHANNELS
-            and out_hw[0] * out_hw[1] >= ONEDNN_MIN_PIXELS and onednn.available())
 
 
 CONV_FUNCTIONS = {'xla': conv_xla, 'gemm': conv_gemm, 'hybrid': conv_hybrid, 'shifted_sum': conv_shifted_sum,
@@ -898,6 +901,8 @@ class Conv(nn.Module):
     kernel_init: Callable = default_kernel_init
     bias_init: Callable = nn.initializers.zeros
     activation: Callable[[jax.Array], jax.Array] | None = None  # applied with the bias: bias_activation
+    # oneDNN's threads for this layer (onednn.conv): 0 all, 1 one, for layers XLA runs beside others
+    onednn_threads: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, add_bias: bool = True) -> jax.Array:
@@ -907,6 +912,8 @@ class Conv(nn.Module):
                             self.param_dtype)
         impl = resolve_conv_impl(self.impl)
         fn = CONV_FUNCTIONS[impl]
+        if impl in ('hybrid', 'onednn'):
+            fn = functools.partial(fn, onednn_threads=self.onednn_threads)
         y = fn(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.strides), self.padding)
         bias = None
         if self.use_bias:

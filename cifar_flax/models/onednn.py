@@ -114,7 +114,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, thread
     """NHWC x HWIO -> NHWC float32 convolution; ``pads`` ((top, bottom), (left, right)).
 
     ``threads``: 0 runs each of its oneDNN calls on all of oneDNN's OpenMP threads, 1 on one
-    (narrow layers, so that XLA can run other ops beside them: layers.onednn_threads)."""
+    (for layers XLA runs beside others: GoogLeNet's branches, models/inception.py)."""
     n, h, w, _ = x.shape
     kh, kw, _, features = kernel.shape
     out_h = (h + sum(pads[0]) - kh) // strides[0] + 1
