@@ -4,18 +4,19 @@
 // convolutions on; XLA:CPU's own convolution and the matmul-based forms in layers.py are slower
 // on wide layers with large maps (docs/performance.md).
 //
-// Each handler builds its primitive for the shapes it is called with; oneDNN's primitive cache
-// keeps the compiled kernels, and ours keeps the primitive descriptors (whose creation picks an
-// implementation), keyed by shapes and attributes. Weights are reordered to and from the blocked
+// Built and run against oneDNN 2.6 (Debian 12's libdnnl-dev); the 3.x constructors of the
+// primitive descriptors compile against oneDNN 3.13's headers but have not run.
+// Each handler builds its primitive for the shapes it is called with, once (CachedPlan), keyed
+// by shapes, attributes and thread count. Weights are reordered to and from the blocked
 // layout oneDNN chooses ("any"); activations stay NHWC, as in PyTorch's channels-last mode.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <new>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -37,8 +38,9 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Each convolution gets its scratch memory from us, per call: oneDNN's own ("library" mode) is
-// shared between primitives and not safe when XLA runs two convolutions on two threads at once.
+// Each call passes its own scratch memory (ThreadMemory): oneDNN's default ("library" mode) is
+// shared between primitives, and a GoogLeNet step, whose branches XLA runs on two threads at
+// once, hung in it.
 dnnl::primitive_attr Attr() {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -48,7 +50,7 @@ dnnl::primitive_attr Attr() {
 // oneDNN's OpenMP threads: all of them (OMP_NUM_THREADS, else one a core), read when the library
 // loads, or one, as each call asks. A call sets its own count, on the XLA thread it runs on,
 // before its primitive is built (oneDNN plans its work for the thread count it sees then) and
-// before it runs: narrow layers run on one thread while XLA runs other ops on the other cores.
+// before it runs: layers XLA runs beside others (GoogLeNet's branches) ask for one.
 const int kAllThreads = omp_get_max_threads();
 
 int ThreadsFor(int64_t requested) { return requested == 1 ? 1 : kAllThreads; }
@@ -66,11 +68,42 @@ struct ConvShape {
   memory::dims PadHi() const { return {pb, pr}; }
 };
 
+// The three primitive descriptors, in oneDNN 2.x's API (an operation descriptor first) or 3.x's.
 dnnl::convolution_forward::primitive_desc ForwardPd(const ConvShape& s) {
+#if DNNL_VERSION_MAJOR >= 3
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.Src(),
+      s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi(), Attr());
+#else
   auto desc = dnnl::convolution_forward::desc(
       dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, s.Src(),
       s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
   return dnnl::convolution_forward::primitive_desc(desc, Attr(), Engine());
+#endif
+}
+
+dnnl::convolution_backward_data::primitive_desc InputGradPd(const ConvShape& s) {
+#if DNNL_VERSION_MAJOR >= 3
+  return dnnl::convolution_backward_data::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(),
+      s.PadLo(), s.PadHi(), ForwardPd(s), Attr());
+#else
+  auto desc = dnnl::convolution_backward_data::desc(
+      dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
+  return dnnl::convolution_backward_data::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+#endif
+}
+
+dnnl::convolution_backward_weights::primitive_desc KernelGradPd(const ConvShape& s) {
+#if DNNL_VERSION_MAJOR >= 3
+  return dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(),
+      s.PadLo(), s.PadHi(), ForwardPd(s), Attr());
+#else
+  auto desc = dnnl::convolution_backward_weights::desc(
+      dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
+  return dnnl::convolution_backward_weights::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+#endif
 }
 
 // Everything one call needs, built once per shape.
@@ -109,13 +142,13 @@ const Plan& CachedPlan(int kind, const ConvShape& s, Build build) {
 
 // The call's shape and thread count; sets this thread's OpenMP thread count for what follows.
 ConvShape SetUp(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Span<const int64_t> w,
-                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads) {
+                int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads) {
   omp_set_num_threads(ThreadsFor(threads));
   return ConvShape{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl, pb, pr, ThreadsFor(threads)};
 }
 
-// Memory a thread reuses from call to call (scratchpads, blocked weights), grown as needed:
-// allocated afresh, it cost page faults and a stream on every call of every step.
+// Memory a thread reuses from call to call (scratchpads, blocked weights), grown as needed,
+// rather than allocated (and faulted in) on every call of every step.
 enum Slot { kScratchpad, kReorderScratchpad, kBlockedWeights, kSlots };
 
 memory ThreadMemory(Slot slot, const memory::desc& desc) {
@@ -183,9 +216,7 @@ ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::
                        int64_t threads) {
   ConvShape s = SetUp(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
   const Plan& plan = CachedPlan(1, s, [&] {
-    auto desc = dnnl::convolution_backward_data::desc(
-        dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
-    auto pd = dnnl::convolution_backward_data::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+    auto pd = InputGradPd(s);
     return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), s, true);
   });
   memory diff_dst(s.Dst(), Engine(), g.typed_data()), diff_src(s.Src(), Engine(), dx->typed_data());
@@ -198,9 +229,7 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi:
                        int64_t threads) {
   ConvShape s = SetUp(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
   const Plan& plan = CachedPlan(2, s, [&] {
-    auto desc = dnnl::convolution_backward_weights::desc(
-        dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+    auto pd = KernelGradPd(s);
     return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), s, false);
   });
   memory src(s.Src(), Engine(), x.typed_data()), diff_dst(s.Dst(), Engine(), g.typed_data());
