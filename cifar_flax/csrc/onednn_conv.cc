@@ -68,7 +68,7 @@ struct ConvShape {
   memory::dims PadHi() const { return {pb, pr}; }
 };
 
-// The three primitive descriptors, in oneDNN 2.x's API (an operation descriptor first) or 3.x's.
+// The primitive descriptors, in oneDNN 2.x's API (an operation descriptor first) or 3.x's.
 dnnl::convolution_forward::primitive_desc ForwardPd(const ConvShape& s) {
 #if DNNL_VERSION_MAJOR >= 3
   return dnnl::convolution_forward::primitive_desc(
@@ -82,27 +82,18 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const ConvShape& s) {
 #endif
 }
 
-dnnl::convolution_backward_data::primitive_desc InputGradPd(const ConvShape& s) {
+// convolution_backward_data (input gradient) or convolution_backward_weights (kernel gradient):
+// their descriptors take the same arguments in the same places.
+template <typename Backward>
+typename Backward::primitive_desc BackwardPd(const ConvShape& s) {
 #if DNNL_VERSION_MAJOR >= 3
-  return dnnl::convolution_backward_data::primitive_desc(
+  return typename Backward::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(),
       s.PadLo(), s.PadHi(), ForwardPd(s), Attr());
 #else
-  auto desc = dnnl::convolution_backward_data::desc(
+  typename Backward::desc desc(
       dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
-  return dnnl::convolution_backward_data::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
-#endif
-}
-
-dnnl::convolution_backward_weights::primitive_desc KernelGradPd(const ConvShape& s) {
-#if DNNL_VERSION_MAJOR >= 3
-  return dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(),
-      s.PadLo(), s.PadHi(), ForwardPd(s), Attr());
-#else
-  auto desc = dnnl::convolution_backward_weights::desc(
-      dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
-  return dnnl::convolution_backward_weights::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+  return typename Backward::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
 #endif
 }
 
@@ -213,10 +204,10 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Re
 
 ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                          int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                       int64_t threads) {
+                         int64_t threads) {
   ConvShape s = SetUp(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
   const Plan& plan = CachedPlan(1, s, [&] {
-    auto pd = InputGradPd(s);
+    auto pd = BackwardPd<dnnl::convolution_backward_data>(s);
     return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), s, true);
   });
   memory diff_dst(s.Dst(), Engine(), g.typed_data()), diff_src(s.Src(), Engine(), dx->typed_data());
@@ -226,10 +217,10 @@ ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::
 
 ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
                           int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                       int64_t threads) {
+                         int64_t threads) {
   ConvShape s = SetUp(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
   const Plan& plan = CachedPlan(2, s, [&] {
-    auto pd = KernelGradPd(s);
+    auto pd = BackwardPd<dnnl::convolution_backward_weights>(s);
     return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), s, false);
   });
   memory src(s.Src(), Engine(), x.typed_data()), diff_dst(s.Dst(), Engine(), g.typed_data());
@@ -237,7 +228,8 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi:
   return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}}, hwio, false, DNNL_ARG_DIFF_WEIGHTS);
 }
 
-#define CONV_BINDING(first, second)                                                     \
+// Two float32 operands, one result, the geometry and the thread count.
+#define CONV_BINDING                                                                    \
   ffi::Ffi::Bind()                                                                      \
       .Arg<ffi::Buffer<ffi::F32>>()                                                     \
       .Arg<ffi::Buffer<ffi::F32>>()                                                     \
@@ -252,6 +244,6 @@ ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi:
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl, CONV_BINDING(x, w));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGradImpl, CONV_BINDING(g, w));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGradImpl, CONV_BINDING(x, g));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvInputGrad, InputGradImpl, CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvKernelGrad, KernelGradImpl, CONV_BINDING);
