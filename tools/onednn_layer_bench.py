@@ -1,0 +1,90 @@
+"""Per-layer timing of oneDNN's convolution against the XLA forms, on every kxk conv of the networks.
+
+    python tools/onednn_layer_bench.py [--batch 128] [--reps 7] [--models inception10 resnet18]
+
+Records each network's conv shapes (input map, kernel, strides, padding) while tracing its
+forward pass, then times forward + input and kernel gradients of one layer (jit, loss
+sum(y^2)) through `conv_hybrid` with `layers.ONEDNN_CONV` off and on (thresholds lifted, so that
+every shape goes to oneDNN). Repetitions are interleaved; medians and the speed-up are printed.
+The figures behind `layers.ONEDNN_MIN_PIXELS` (docs/performance.md) came from this loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import jax
+import jax.numpy as jnp
+
+from cifar_flax import models
+from cifar_flax.models import layers, onednn
+
+
+def conv_shapes(names, batch: int) -> collections.Counter:
+    """(input map, kernel shape, strides, padding) -> count, over the networks' kxk convs."""
+    shapes = collections.Counter()
+    hybrid = layers.CONV_FUNCTIONS['hybrid']
+
+    def record(x, kernel, strides=(1, 1), padding='SAME', **kwargs):
+        if kernel.shape[:2] != (1, 1):
+            shapes[(x.shape[1:], kernel.shape, tuple(strides), padding)] += 1
+        return hybrid(x, kernel, strides, padding, **kwargs)
+
+    layers.CONV_FUNCTIONS['hybrid'] = record
+    try:
+        for name in names:
+            model = models.get_model(name)
+            jax.eval_shape(lambda m=model: m.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
+                                                  jnp.zeros((batch, 32, 32, 3)), train=False))
+    finally:
+        layers.CONV_FUNCTIONS['hybrid'] = hybrid
+    return shapes
+
+
+def training_work(use_onednn: bool, strides, padding):
+    """jit of the conv's value and (x, kernel) gradients, the oneDNN switch fixed at trace time."""
+    def run(x, kernel):
+        saved = layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS, layers.ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS
+        layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS, layers.ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = use_onednn, 0, 0
+        try:
+            loss = lambda x, k: jnp.sum(jnp.square(layers.conv_hybrid(x, k, strides, padding)))
+            return jax.value_and_grad(loss, (0, 1))(x, kernel)
+        finally:
+            layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS, layers.ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = saved
+    return jax.jit(run)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--batch', type=int, default=128)
+    p.add_argument('--reps', type=int, default=7)
+    p.add_argument('--models', nargs='+', default=list(models.MODEL_NAMES))
+    args = p.parse_args(argv)
+    onednn.require()
+    print(f'batch {args.batch}, median of {args.reps} interleaved repetitions, fwd + dx + dkernel')
+    for (in_shape, kernel_shape, strides, padding), count in conv_shapes(args.models, args.batch).items():
+        x = jax.random.normal(jax.random.key(0), (args.batch,) + in_shape)
+        kernel = jax.random.normal(jax.random.key(1), kernel_shape) * 0.05
+        variants = {'xla': training_work(False, strides, padding), 'onednn': training_work(True, strides, padding)}
+        for fn in variants.values():
+            jax.block_until_ready(fn(x, kernel))
+        times = {name: [] for name in variants}
+        for _ in range(args.reps):
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(x, kernel))
+                times[name].append(time.perf_counter() - start)
+        med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        print(f'{in_shape} kernel {kernel_shape} strides {strides} {padding} (x{count}): XLA forms '
+              f'{med["xla"]:.2f} ms, oneDNN {med["onednn"]:.2f} ms, {med["xla"] / med["onednn"]:.2f}x', flush=True)
+
+
+if __name__ == '__main__':
+    main()
