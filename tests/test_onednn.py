@@ -2,7 +2,9 @@
 hybrid conv's use of them. Skipped where oneDNN is not installed (apt-get install libdnnl-dev)."""
 
 import functools
+import importlib.util
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +140,14 @@ def test_networks_with_onednn_match_xla(name):
     ref, got = (jax.jit(jax.grad(functools.partial(loss, m)))(variables['params']) for m in (ref_model, model))
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_layer_bench_tool_times_every_kxk_conv(capsys):
+    spec = importlib.util.spec_from_file_location(
+        'onednn_layer_bench', Path(__file__).resolve().parents[1] / 'tools' / 'onednn_layer_bench.py')
+    onednn_layer_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onednn_layer_bench)
+    onednn_layer_bench.main(['--batch', '2', '--reps', '1', '--models', 'lenet5'])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and 'kernel (5, 5, 3, 6)' in lines[1] and 'kernel (5, 5, 6, 16)' in lines[2]
+    assert all('oneDNN' in line and line.endswith('x') for line in lines[1:])
