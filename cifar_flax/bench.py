@@ -89,6 +89,22 @@ def _median_rate(run, items_per_call: int, windows: int) -> tuple[float, float]:
     return statistics.median(rates), statistics.median(cores)
 
 
+def interleaved_medians(variants: dict, args: tuple, reps: int) -> dict[str, float]:
+    """Median seconds of each jitted variant called on ``args`` (after one warm-up call each),
+    the variants called in turn ``reps`` times: the machine's swings then hit all alike."""
+    import jax
+
+    for fn in variants.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _flops(lowered) -> float | None:
     analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation

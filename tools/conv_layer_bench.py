@@ -11,12 +11,11 @@ median per variant is printed with the ratio native / Winograd.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from cifar_flax.bench import interleaved_medians
 from cifar_flax.models import layers
 
 # (map size, channels in = out) of the 3x3 stride-1 SAME convolutions in ResNet-18 / VGG16.
@@ -25,16 +24,18 @@ NEVER = 10 ** 9
 
 
 def training_work(min_size: int):
-    """jit of the conv's value and (x, kernel) gradients, Winograd threshold fixed at trace time."""
+    """jit of the conv's value and (x, kernel) gradients, Winograd threshold fixed at trace time
+    (oneDNN off: these are the XLA forms; tools/onednn_layer_bench.py compares oneDNN with them)."""
     def loss(x, kernel):
         return jnp.sum(jnp.square(layers.conv_hybrid(x, kernel)))
 
     def run(x, kernel):
-        saved, layers.WINOGRAD_MIN_SIZE = layers.WINOGRAD_MIN_SIZE, min_size
+        saved = layers.WINOGRAD_MIN_SIZE, layers.ONEDNN_CONV
+        layers.WINOGRAD_MIN_SIZE, layers.ONEDNN_CONV = min_size, False
         try:
             return jax.value_and_grad(loss, (0, 1))(x, kernel)
         finally:
-            layers.WINOGRAD_MIN_SIZE = saved
+            layers.WINOGRAD_MIN_SIZE, layers.ONEDNN_CONV = saved
     return jax.jit(run)
 
 
@@ -48,15 +49,7 @@ def main(argv=None) -> None:
         x = jax.random.normal(jax.random.key(0), (args.batch, size, size, channels))
         kernel = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
         variants = {'native': training_work(NEVER), 'winograd': training_work(1)}
-        for fn in variants.values():
-            jax.block_until_ready(fn(x, kernel))
-        times = {name: [] for name in variants}
-        for _ in range(args.reps):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn(x, kernel))
-                times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(t) for name, t in times.items()}
+        med = interleaved_medians(variants, (x, kernel), args.reps)
         print(f'{size}x{size}x{channels}: native dk {1e3 * med["native"]:.1f} ms, '
               f'Winograd dk {1e3 * med["winograd"]:.1f} ms, ratio {med["native"] / med["winograd"]:.2f}x',
               flush=True)

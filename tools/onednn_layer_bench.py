@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from cifar_flax import models
+from cifar_flax.bench import interleaved_medians
 from cifar_flax.models import layers, onednn
 
 
@@ -73,15 +72,7 @@ def main(argv=None) -> None:
         x = jax.random.normal(jax.random.key(0), (args.batch,) + in_shape)
         kernel = jax.random.normal(jax.random.key(1), kernel_shape) * 0.05
         variants = {'xla': training_work(False, strides, padding), 'onednn': training_work(True, strides, padding)}
-        for fn in variants.values():
-            jax.block_until_ready(fn(x, kernel))
-        times = {name: [] for name in variants}
-        for _ in range(args.reps):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn(x, kernel))
-                times[name].append(time.perf_counter() - start)
-        med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        med = {name: 1e3 * t for name, t in interleaved_medians(variants, (x, kernel), args.reps).items()}
         print(f'{in_shape} kernel {kernel_shape} strides {strides} {padding} (x{count}): XLA forms '
               f'{med["xla"]:.2f} ms, oneDNN {med["onednn"]:.2f} ms, {med["xla"] / med["onednn"]:.2f}x', flush=True)
 
