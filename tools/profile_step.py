@@ -211,7 +211,7 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=10, help="training steps per call (one lax.scan)")
   p.add_argument("--calls", type=int, default=5, help="timed calls before the traced one")
   p.add_argument("--top", type=int, default=30, help="how many ops to list")
-  p.add_argument("--conv", default="auto", help="convolution implementation (auto, xla, gemm, hybrid)")
+  p.add_argument("--conv", default="auto", help="convolution implementation (auto, xla, gemm, hybrid, onednn)")
   p.add_argument("--data", default=None, help="data spec (see cifar_flax.data)")
   p.add_argument("--json", type=Path, default=None, help="also write every op and total here")
   args = p.parse_args(argv)
