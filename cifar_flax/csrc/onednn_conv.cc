@@ -164,68 +164,80 @@ memory ThreadMemory(Slot slot, const memory::desc& desc) {
 // (weights_in) or written (the kernel gradient), through the plan's reorder when it has one.
 ffi::Error Run(const Plan& plan, std::unordered_map<int, memory> args, memory hwio, bool weights_in,
                int weights_arg) {
+  thread_local dnnl::stream stream(Engine());
+  args.insert({DNNL_ARG_SCRATCHPAD, ThreadMemory(kScratchpad, plan.scratchpad)});
+  if (!plan.has_reorder) {
+    args.insert({weights_arg, hwio});
+    plan.conv.execute(stream, args);
+  } else {
+    memory blocked = ThreadMemory(kBlockedWeights, plan.weights);
+    std::unordered_map<int, memory> reorder_args{
+        {DNNL_ARG_FROM, weights_in ? hwio : blocked}, {DNNL_ARG_TO, weights_in ? blocked : hwio},
+        {DNNL_ARG_SCRATCHPAD, ThreadMemory(kReorderScratchpad, plan.reorder_scratchpad)}};
+    args.insert({weights_arg, blocked});
+    if (weights_in) plan.reorder.execute(stream, reorder_args);
+    plan.conv.execute(stream, args);
+    if (!weights_in) plan.reorder.execute(stream, reorder_args);
+  }
+  stream.wait();
+  return ffi::Error::Success();
+}
+
+// A handler's body, its exceptions (oneDNN's, out of memory) returned to XLA as errors.
+template <typename Body>
+ffi::Error Guarded(Body body) {
   try {
-    thread_local dnnl::stream stream(Engine());
-    args.insert({DNNL_ARG_SCRATCHPAD, ThreadMemory(kScratchpad, plan.scratchpad)});
-    if (!plan.has_reorder) {
-      args.insert({weights_arg, hwio});
-      plan.conv.execute(stream, args);
-    } else {
-      memory blocked = ThreadMemory(kBlockedWeights, plan.weights);
-      std::unordered_map<int, memory> reorder_args{
-          {DNNL_ARG_FROM, weights_in ? hwio : blocked}, {DNNL_ARG_TO, weights_in ? blocked : hwio},
-          {DNNL_ARG_SCRATCHPAD, ThreadMemory(kReorderScratchpad, plan.reorder_scratchpad)}};
-      args.insert({weights_arg, blocked});
-      if (weights_in) plan.reorder.execute(stream, reorder_args);
-      plan.conv.execute(stream, args);
-      if (!weights_in) plan.reorder.execute(stream, reorder_args);
-    }
-    stream.wait();
+    return body();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   } catch (const std::bad_alloc&) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN: out of memory for its scratch space");
   }
-  return ffi::Error::Success();
 }
 
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                        int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
                        int64_t threads) {
-  ConvShape s = SetUp(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
-  const Plan& plan = CachedPlan(0, s, [&] {
-    auto pd = ForwardPd(s);
-    return MakePlan(dnnl::convolution_forward(pd), pd, pd.weights_desc(), s, true);
+  return Guarded([&] {
+    ConvShape s = SetUp(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    const Plan& plan = CachedPlan(0, s, [&] {
+      auto pd = ForwardPd(s);
+      return MakePlan(dnnl::convolution_forward(pd), pd, pd.weights_desc(), s, true);
+    });
+    memory src(s.Src(), Engine(), x.typed_data()), dst(s.Dst(), Engine(), y->typed_data());
+    memory hwio(s.WeightsHwio(), Engine(), w.typed_data());
+    return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}}, hwio, true, DNNL_ARG_WEIGHTS);
   });
-  memory src(s.Src(), Engine(), x.typed_data()), dst(s.Dst(), Engine(), y->typed_data());
-  memory hwio(s.WeightsHwio(), Engine(), w.typed_data());
-  return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}}, hwio, true, DNNL_ARG_WEIGHTS);
 }
 
 ffi::Error InputGradImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                          int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
                          int64_t threads) {
-  ConvShape s = SetUp(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
-  const Plan& plan = CachedPlan(1, s, [&] {
-    auto pd = BackwardPd<dnnl::convolution_backward_data>(s);
-    return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), s, true);
+  return Guarded([&] {
+    ConvShape s = SetUp(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    const Plan& plan = CachedPlan(1, s, [&] {
+      auto pd = BackwardPd<dnnl::convolution_backward_data>(s);
+      return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), s, true);
+    });
+    memory diff_dst(s.Dst(), Engine(), g.typed_data()), diff_src(s.Src(), Engine(), dx->typed_data());
+    memory hwio(s.WeightsHwio(), Engine(), w.typed_data());
+    return Run(plan, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_SRC, diff_src}}, hwio, true, DNNL_ARG_WEIGHTS);
   });
-  memory diff_dst(s.Dst(), Engine(), g.typed_data()), diff_src(s.Src(), Engine(), dx->typed_data());
-  memory hwio(s.WeightsHwio(), Engine(), w.typed_data());
-  return Run(plan, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_SRC, diff_src}}, hwio, true, DNNL_ARG_WEIGHTS);
 }
 
 ffi::Error KernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
                           int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr,
-                         int64_t threads) {
-  ConvShape s = SetUp(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
-  const Plan& plan = CachedPlan(2, s, [&] {
-    auto pd = BackwardPd<dnnl::convolution_backward_weights>(s);
-    return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), s, false);
+                          int64_t threads) {
+  return Guarded([&] {
+    ConvShape s = SetUp(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    const Plan& plan = CachedPlan(2, s, [&] {
+      auto pd = BackwardPd<dnnl::convolution_backward_weights>(s);
+      return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), s, false);
+    });
+    memory src(s.Src(), Engine(), x.typed_data()), diff_dst(s.Dst(), Engine(), g.typed_data());
+    memory hwio(s.WeightsHwio(), Engine(), dw->typed_data());
+    return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}}, hwio, false, DNNL_ARG_DIFF_WEIGHTS);
   });
-  memory src(s.Src(), Engine(), x.typed_data()), diff_dst(s.Dst(), Engine(), g.typed_data());
-  memory hwio(s.WeightsHwio(), Engine(), dw->typed_data());
-  return Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}}, hwio, false, DNNL_ARG_DIFF_WEIGHTS);
 }
 
 // Two float32 operands, one result, the geometry and the thread count.

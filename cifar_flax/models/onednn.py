@@ -84,6 +84,16 @@ def _load() -> str | None:
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f'onednn_conv_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform='cpu')
+    # One tiny convolution, run now (also when called while a model is being traced): a library
+    # that builds and loads may still fail at run time (a oneDNN without a usable CPU engine).
+    try:
+        with jax.ensure_compile_time_eval():
+            out = conv(np.ones((1, 2, 2, 1), np.float32), np.full((1, 1, 1, 1), 2, np.float32), (1, 1),
+                       ((0, 0), (0, 0)))
+            if not np.array_equal(np.asarray(out), np.full((1, 2, 2, 1), 2, np.float32)):
+                return f'a test convolution gave {np.asarray(out).ravel()} instead of 2s'
+    except jax.errors.JaxRuntimeError as e:
+        return f'a test convolution failed: {e}'
     return None
 
 
