@@ -151,3 +151,11 @@ def test_layer_bench_tool_times_every_kxk_conv(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and 'kernel (5, 5, 3, 6)' in lines[1] and 'kernel (5, 5, 6, 16)' in lines[2]
     assert all('oneDNN' in line and line.endswith('x') for line in lines[1:])
+
+
+@pytest.mark.parametrize('batch,expect', [(32, False), (64, True), (128, True)])
+def test_winograd_keeps_small_calls(batch, expect):
+    """8x8x256 (Winograd's forward applies) goes to oneDNN from 4,096 output pixels a call."""
+    x, kernel = jnp.zeros((batch, 8, 8, 256)), jnp.zeros((3, 3, 256, 256))
+    assert layers.winograd_conv_applies(x.shape, kernel.shape, (1, 1), 'SAME')
+    assert ('onednn_conv_' in _lowered(layers.conv_hybrid, x, kernel)) == expect

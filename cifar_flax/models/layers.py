@@ -824,7 +824,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     pads = _pads(x.shape[1:3], (kh, kw), strides, padding)
     padded_hw = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
     out_hw = _out_hw(padded_hw, (kh, kw), strides)
-    if onednn_applies(x, kernel, out_hw):
+    if onednn_applies(x, kernel, out_hw, strides, padding):
         return onednn.conv(x, kernel, strides, pads, onednn_threads)
     if x.shape[-1] <= HYBRID_GEMM_MAX_CHANNELS:
         if strides == (1, 1) and (kh, kw) != (1, 1):
@@ -863,16 +863,24 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 # banded matmul below that. In one process, oneDNN for them against the banded matmul: LeNet-5
 # at batch 32 0.92x, at 128 1.04x and 1.13x; GoogLeNet's stem at 32 1.06x, at 128 1.07x;
 # AlexNet at 128 1.05x; VGG16 at 32 1.01x; ResNet-18 at 32 1.02x, at 128 1.02x.
+# Layers whose forward Winograd's tiles take (winograd_conv_applies) go to oneDNN from
+# ONEDNN_WINOGRAD_MIN_BATCH_PIXELS output pixels a call (batch 64 of 8x8 maps): 8x8x256 at batch
+# 32 (2,048 pixels) ran 0.80x through oneDNN, at 128 1.00x. In one process at batch 32, those
+# layers back on Winograd: ResNet-18 1.024x and 1.05x (5 of 7, 7 of 7 rounds), VGG16 1.052x and
+# 1.05x (5 of 5 twice); AlexNet's 12x12 3x3 (4,608 pixels) on Winograd too, at 8,192: 0.977x.
 ONEDNN_CONV = True
 ONEDNN_MIN_PIXELS = 25
 ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = 65536
+ONEDNN_WINOGRAD_MIN_BATCH_PIXELS = 4096
 ONEDNN_POINTWISE = False
 
 
-def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw) -> bool:
+def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw, strides, padding: str) -> bool:
     pixels = out_hw[0] * out_hw[1]
-    enough_work = (x.shape[-1] > HYBRID_GEMM_MAX_CHANNELS
-                   or x.shape[0] * pixels >= ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS)
+    batch_pixels = x.shape[0] * pixels
+    enough_work = ((x.shape[-1] > HYBRID_GEMM_MAX_CHANNELS or batch_pixels >= ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS)
+                   and (batch_pixels >= ONEDNN_WINOGRAD_MIN_BATCH_PIXELS
+                        or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper())))
     return (ONEDNN_CONV and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
             and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
             and enough_work and onednn.available())
