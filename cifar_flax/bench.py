@@ -215,8 +215,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from cifar_flax import data as data_lib, train, xla_options
-    from cifar_flax.models import canonical_name, count_params
-    from cifar_flax.models import layers
+    from cifar_flax.models import canonical_name, count_params, layers
     from cifar_flax.models.layers import resolve_conv_impl
 
     if mode not in MODES:

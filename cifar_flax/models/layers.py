@@ -793,9 +793,11 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
                 chunk: int | None = None, onednn_threads: int = 0) -> jax.Array:
     """The fastest measured form per layer on XLA:CPU, also inside lax.scan.
 
-    Where oneDNN is installed, layers with a kernel larger than 1x1 and at least
-    ONEDNN_MIN_PIXELS output pixels (and, with few input channels, enough images) run its convolution (onednn.conv, on ``onednn_threads``
-    threads: 0 all, 1 one); everything below is what runs without it, and for the rest.
+    Where oneDNN is installed, the layers onednn_applies picks (a kernel larger than 1x1, at
+    least ONEDNN_MIN_PIXELS output pixels, and enough pixels a call where the banded matmul or
+    Winograd's tiles would take the layer) run its convolution (onednn.conv, on
+    ``onednn_threads`` threads: 0 all, 1 one); everything below is what runs without it, and
+    for the rest.
     Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
     (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
     images. 1x1 kernels, maps smaller than the kernel and output maps of at most
