@@ -45,7 +45,8 @@ def test_conv_matches_xla_with_gradients(shape, k, strides, padding, threads):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_conv_inside_scan_and_vmap():
+@pytest.mark.parametrize('pieces', [1, 2])
+def test_conv_inside_scan_and_vmap(pieces):
     """Inside lax.scan (train.fit's loop) and vmapped over members (sweeps), as a batch of calls."""
     xs = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 4))
     kernels = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 5))
@@ -53,7 +54,7 @@ def test_conv_inside_scan_and_vmap():
 
     def step(carry, xk):
         x, k = xk
-        return carry + jax.grad(_loss(lambda x, k: onednn.conv(x, k, (1, 1), pads)), 1)(x, k).sum(), None
+        return carry + jax.grad(_loss(lambda x, k: onednn.conv(x, k, (1, 1), pads, 1, pieces)), 1)(x, k).sum(), None
 
     def ref_step(carry, xk):
         x, k = xk
@@ -63,9 +64,23 @@ def test_conv_inside_scan_and_vmap():
     got = jax.jit(lambda: lax.scan(step, 0.0, (xs, kernels))[0])()
     ref = lax.scan(ref_step, 0.0, (xs, kernels))[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4)
-    vmapped = jax.vmap(lambda x, k: onednn.conv(x, k, (1, 1), pads))(xs, kernels)
+    vmapped = jax.vmap(lambda x, k: onednn.conv(x, k, (1, 1), pads, 1, pieces))(xs, kernels)
     for m in range(3):
         np.testing.assert_allclose(vmapped[m], onednn.conv(xs[m], kernels[m], (1, 1), pads), rtol=1e-6)
+
+
+@pytest.mark.parametrize('pieces', [0, 2, 3])
+@pytest.mark.parametrize('batch', [1, 3, 5])
+def test_conv_in_pieces_matches_one_call(batch, pieces):
+    """A call's batch split into pieces (RunPieces: some run by XLA's pool threads, some by the
+    caller): the same outputs and input gradient, the kernel gradient summed over pieces."""
+    x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.key(1), (5, 5, 16, 8)) * 0.1
+    pads = ((2, 2), (2, 2))
+    results = [jax.jit(jax.value_and_grad(_loss(lambda x, k: onednn.conv(x, k, (1, 1), pads, 1, p)), (0, 1)))(x, kernel)
+               for p in (1, pieces)]
+    for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
 def test_hybrid_hands_wide_layers_to_onednn_and_matches_xla(monkeypatch):
@@ -94,14 +109,17 @@ def test_hybrid_onednn_rule(shape, expect):
     assert 'onednn_conv_' not in _lowered(layers.conv_hybrid, x, jnp.zeros((1, 1, cin, cout)))
 
 
-def test_threads_per_network():
-    """GoogLeNet's convs ask for one thread each (its branches run side by side), ResNet-18's for all."""
-    for name, threads in (('inception10', 1), ('resnet18', 0)):
-        model, x = get_model(name), jnp.zeros((2, 32, 32, 3))
+def test_threads_and_pieces_per_network():
+    """GoogLeNet's branches' convs ask for one thread each (the branches run side by side) and split
+    their batch into pieces for XLA's pool (0: one a thread); its stem and ResNet-18's convs ask
+    for all threads, in one piece."""
+    for name, expect in (('inception10', {('1', '0'), ('0', '1')}), ('resnet18', {('0', '1')})):
+        # batch 64: the stem's 3-channel conv takes oneDNN from 65,536 output pixels a call
+        model, x = get_model(name), jnp.zeros((64, 32, 32, 3))
         variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
         text = _lowered(lambda v, x: model.apply(v, x), variables, x)
-        found = set(re.findall(r'threads = (\d+) : i64', text))
-        assert found == {str(threads)}, (name, found)
+        found = set(re.findall(r'pieces = (\d+) : i64.*threads = (\d+) : i64', text))
+        assert {(threads, pieces) for pieces, threads in found} == expect, (name, found)
 
 
 def test_explicit_impl_rejects_bfloat16():

@@ -9,11 +9,20 @@ from flax import linen as nn
 from .layers import Conv, batch_norm, conv_batch_norm, dense, get_activation, global_avg_pool, materialize, max_pool
 
 BN_MODES = ('batch', 'frozen')
-# oneDNN's threads for every conv here (layers.Conv.onednn_threads): one, so that XLA runs the
-# four branches' layers side by side on the cores. In one process (tools/ab_bench.py), oneDNN
+# oneDNN's threads for the branches' convs (layers.Conv.onednn_threads): one, so that XLA runs
+# the four branches' layers side by side on the cores. In one process (tools/ab_bench.py), oneDNN
 # for the branches' 3x3s and 5x5s, against XLA's forms: batch 32 1.33x on one thread, 0.91x on
 # both; each on one thread against those of 32 channels on both: 1.20x at 32, 1.14x at 128.
+# Where XLA has no other branch to run beside one (the 5x5s, the longest, finish last) a core sat
+# idle: each call's batch is split into a piece a thread of XLA's pool (ONEDNN_PIECES), which
+# an idle thread takes (layers.Conv.onednn_pieces; not measured on more than 2 cores). 2-core
+# AVX-512 Xeon, in one process, against one piece: batch 128 1.10x and 1.07x (6 of 7 and 6 of 7
+# rounds faster), batch 32 1.04x (8 of 9); the 5x5s alone 1.07x at 128; four pieces 1.00x of two.
+# (Split in the model instead, halves joined by a concatenate: 5x5s 1.055x, 3x3s too 0.94x.)
+# The stem, which runs alone, on all threads: 1.03x at 128 against one, 1.03x with pieces.
 ONEDNN_THREADS = 1
+ONEDNN_PIECES = 0
+STEM_ONEDNN_THREADS = 0
 
 
 class ConvBNAct(nn.Module):
@@ -25,11 +34,14 @@ class ConvBNAct(nn.Module):
     dtype: Any = jnp.float32
     conv: str = 'auto'
     frozen_bn: bool = False
+    stem: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        onednn = dict(onednn_threads=STEM_ONEDNN_THREADS, onednn_pieces=1) if self.stem else dict(
+            onednn_threads=ONEDNN_THREADS, onednn_pieces=ONEDNN_PIECES)
         conv = Conv(self.features, self.kernel_size, self.strides, padding='SAME',
-                    dtype=self.dtype, impl=self.conv, onednn_threads=ONEDNN_THREADS)
+                    dtype=self.dtype, impl=self.conv, **onednn)
         return conv_batch_norm(conv, batch_norm(train, self.dtype, frozen=self.frozen_bn), x,
                                activation=get_activation(self.activation))
 
@@ -74,7 +86,7 @@ class Inception10(nn.Module):
             raise ValueError(f'unknown bn mode {self.bn!r}; valid: {list(BN_MODES)}')
         frozen = self.bn == 'frozen'
         x = x.astype(self.dtype)
-        x = ConvBNAct(16, 3, 1, self.activation, self.dtype, self.conv, frozen)(x, train)
+        x = ConvBNAct(16, 3, 1, self.activation, self.dtype, self.conv, frozen, stem=True)(x, train)
         blocks = ((16, 2), (16, 1), (32, 2), (32, 1))
         for i, (features, strides) in enumerate(blocks):
             x = InceptionBlock(features, strides, self.activation, self.dtype, self.conv,

@@ -110,37 +110,42 @@ def require() -> None:
         raise OnednnUnavailable(f'the oneDNN convolutions are not available: {reason}')
 
 
-def _call(target: str, shape, *operands, strides, pads, threads):
+def _call(target: str, shape, *operands, strides, pads, threads, pieces):
     (top, bottom), (left, right) = pads
     attributes = {'stride_h': strides[0], 'stride_w': strides[1], 'pad_top': top, 'pad_left': left,
-                  'pad_bottom': bottom, 'pad_right': right, 'threads': threads}
+                  'pad_bottom': bottom, 'pad_right': right, 'threads': threads, 'pieces': pieces}
     # A vmapped call (a sweep's members) runs the members one after another.
     return jax.ffi.ffi_call(f'onednn_conv_{target}', jax.ShapeDtypeStruct(shape, np.float32),
                             vmap_method='sequential')(*operands, **{k: np.int64(v) for k, v in attributes.items()})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, threads: int = 0) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, threads: int = 0,
+         pieces: int = 1) -> jax.Array:
     """NHWC x HWIO -> NHWC float32 convolution; ``pads`` ((top, bottom), (left, right)).
 
     ``threads``: 0 runs each of its oneDNN calls on all of oneDNN's OpenMP threads, 1 on one
-    (for layers XLA runs beside others: GoogLeNet's branches, models/inception.py)."""
+    (for layers XLA runs beside others: GoogLeNet's branches, models/inception.py).
+    ``pieces`` > 1 splits each call's batch into that many convolutions (0: one a thread of XLA's
+    intra-op pool), all but the first offered to that pool: a thread XLA leaves idle takes
+    them, else the calling thread runs them after its own. Same results (the kernel gradient
+    summed over pieces: within float rounding)."""
     n, h, w, _ = x.shape
     kh, kw, _, features = kernel.shape
     out_h = (h + sum(pads[0]) - kh) // strides[0] + 1
     out_w = (w + sum(pads[1]) - kw) // strides[1] + 1
-    return _call('forward', (n, out_h, out_w, features), x, kernel, strides=strides, pads=pads, threads=threads)
+    return _call('forward', (n, out_h, out_w, features), x, kernel, strides=strides, pads=pads, threads=threads,
+                 pieces=pieces)
 
 
-def _conv_fwd(x, kernel, strides, pads, threads):
-    return conv(x, kernel, strides, pads, threads), (x, kernel)
+def _conv_fwd(x, kernel, strides, pads, threads, pieces):
+    return conv(x, kernel, strides, pads, threads, pieces), (x, kernel)
 
 
-def _conv_bwd(strides, pads, threads, residuals, g):
+def _conv_bwd(strides, pads, threads, pieces, residuals, g):
     x, kernel = residuals
-    dx = _call('input_grad', x.shape, g, kernel, strides=strides, pads=pads, threads=threads)
-    dk = _call('kernel_grad', kernel.shape, x, g, strides=strides, pads=pads, threads=threads)
-    return dx, dk
+    options = dict(strides=strides, pads=pads, threads=threads, pieces=pieces)
+    return _call('input_grad', x.shape, g, kernel, **options), _call('kernel_grad', kernel.shape, x, g, **options)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
