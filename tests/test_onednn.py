@@ -110,12 +110,13 @@ def test_hybrid_onednn_rule(shape, expect):
 
 
 def test_threads_and_pieces_per_network():
-    """GoogLeNet's branches' convs ask for one thread each (the branches run side by side) and split
-    their batch into pieces for XLA's pool (0: one a thread); its stem and ResNet-18's convs ask
-    for all threads, in one piece."""
-    for name, expect in (('inception10', {('1', '0'), ('0', '1')}), ('resnet18', {('0', '1')})):
-        # batch 64: the stem's 3-channel conv takes oneDNN from 65,536 output pixels a call
-        model, x = get_model(name), jnp.zeros((64, 32, 32, 3))
+    """GoogLeNet's branches' convs and LeNet-5's ask for one thread each and split their batch into
+    pieces for XLA's pool (0: one a thread); GoogLeNet's stem and ResNet-18's convs ask for all
+    threads, in one piece."""
+    for name, expect in (('inception10', {('1', '0'), ('0', '1')}), ('resnet18', {('0', '1')}),
+                         ('lenet5', {('1', '0')})):
+        # batch 128: 3-channel convs take oneDNN from 65,536 output pixels a call
+        model, x = get_model(name), jnp.zeros((128, 32, 32, 3))
         variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
         text = _lowered(lambda v, x: model.apply(v, x), variables, x)
         found = set(re.findall(r'pieces = (\d+) : i64.*threads = (\d+) : i64', text))

@@ -8,6 +8,13 @@ from flax import linen as nn
 
 from .layers import Conv, dense, flatten, get_activation, materialize, max_pool
 
+# oneDNN (where conv_hybrid hands it the first conv: from batch 84) on one thread a piece, the batch
+# in a piece a thread of XLA's pool (layers.Conv.onednn_pieces), rather than on all of oneDNN's
+# OpenMP threads: 2-core AVX-512 Xeon, batch 128, in one process (tools/ab_bench.py) 1.053x
+# (11 of 11 rounds faster), 1.045x (6 of 7); four pieces 1.052x.
+ONEDNN_THREADS = 1
+ONEDNN_PIECES = 0
+
 
 class LeNet5(nn.Module):
     num_classes: int = 10
@@ -21,7 +28,8 @@ class LeNet5(nn.Module):
         act = get_activation(self.activation)
         x = x.astype(self.dtype)
         for features in (6, 16):
-            x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act)(x)
+            x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act,
+                     onednn_threads=ONEDNN_THREADS, onednn_pieces=ONEDNN_PIECES)(x)
             # written once: XLA:CPU otherwise fuses the pool into its reader and recomputes it
             # (for the first pool, in every patch of the next conv)
             x = materialize(max_pool(x, 2, 2, impl=self.pool))
