@@ -72,6 +72,10 @@ struct ConvShape {
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadLo() const { return {pt, pl}; }
   memory::dims PadHi() const { return {pb, pr}; }
+  // This shape's activations in a call's buffer, from its image ``first`` on (a piece's).
+  memory SrcAt(float* data, int64_t first) const { return memory(Src(), Engine(), data + first * h * w * c); }
+  memory DstAt(float* data, int64_t first) const { return memory(Dst(), Engine(), data + first * oh * ow * k); }
+  memory Hwio(float* data) const { return memory(WeightsHwio(), Engine(), data); }
 };
 
 // The primitive descriptors, in oneDNN 2.x's API (an operation descriptor first) or 3.x's.
@@ -290,10 +294,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
         auto pd = ForwardPd(p);
         return MakePlan(dnnl::convolution_forward(pd), pd, pd.weights_desc(), p, true);
       });
-      memory src(p.Src(), Engine(), x.typed_data() + first * s.h * s.w * s.c);
-      memory dst(p.Dst(), Engine(), y->typed_data() + first * s.oh * s.ow * s.k);
-      memory hwio(p.WeightsHwio(), Engine(), w.typed_data());
-      Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}}, hwio, true, DNNL_ARG_WEIGHTS);
+      Run(plan, {{DNNL_ARG_SRC, p.SrcAt(x.typed_data(), first)}, {DNNL_ARG_DST, p.DstAt(y->typed_data(), first)}},
+          p.Hwio(w.typed_data()), true, DNNL_ARG_WEIGHTS);
     });
     return ffi::Error::Success();
   });
@@ -309,10 +311,9 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
         auto pd = BackwardPd<dnnl::convolution_backward_data>(p);
         return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), p, true);
       });
-      memory diff_dst(p.Dst(), Engine(), g.typed_data() + first * s.oh * s.ow * s.k);
-      memory diff_src(p.Src(), Engine(), dx->typed_data() + first * s.h * s.w * s.c);
-      memory hwio(p.WeightsHwio(), Engine(), w.typed_data());
-      Run(plan, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_SRC, diff_src}}, hwio, true, DNNL_ARG_WEIGHTS);
+      Run(plan, {{DNNL_ARG_DIFF_DST, p.DstAt(g.typed_data(), first)},
+                 {DNNL_ARG_DIFF_SRC, p.SrcAt(dx->typed_data(), first)}},
+          p.Hwio(w.typed_data()), true, DNNL_ARG_WEIGHTS);
     });
     return ffi::Error::Success();
   });
@@ -332,10 +333,9 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
         auto pd = BackwardPd<dnnl::convolution_backward_weights>(p);
         return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), p, false);
       });
-      memory src(p.Src(), Engine(), x.typed_data() + first * s.h * s.w * s.c);
-      memory diff_dst(p.Dst(), Engine(), g.typed_data() + first * s.oh * s.ow * s.k);
-      memory hwio(p.WeightsHwio(), Engine(), i == 0 ? dw->typed_data() : partial[i - 1].data());
-      Run(plan, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}}, hwio, false, DNNL_ARG_DIFF_WEIGHTS);
+      Run(plan,
+          {{DNNL_ARG_SRC, p.SrcAt(x.typed_data(), first)}, {DNNL_ARG_DIFF_DST, p.DstAt(g.typed_data(), first)}},
+          p.Hwio(i == 0 ? dw->typed_data() : partial[i - 1].data()), false, DNNL_ARG_DIFF_WEIGHTS);
     });
     float* out = dw->typed_data();
     for (const auto& part : partial)
