@@ -50,13 +50,13 @@ def conv_shapes(names, batch: int) -> collections.Counter:
 def training_work(use_onednn: bool, strides, padding):
     """jit of the conv's value and (x, kernel) gradients, the oneDNN switch fixed at trace time."""
     def run(x, kernel):
-        saved = layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS, layers.ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS
-        layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS, layers.ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = use_onednn, 0, 0
+        saved = layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS
+        layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS = use_onednn, 0
         try:
             loss = lambda x, k: jnp.sum(jnp.square(layers.conv_hybrid(x, k, strides, padding)))
             return jax.value_and_grad(loss, (0, 1))(x, kernel)
         finally:
-            layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS, layers.ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = saved
+            layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS = saved
     return jax.jit(run)
 
 

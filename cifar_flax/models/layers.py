@@ -860,11 +860,12 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 # 32x32x64->128 1.95x, GoogLeNet's 16x16x16 3x3 2.16x and 5x5 2.38x, AlexNet's 5x5x384 1.30x;
 # 8x8x256 1.00x, 4x4x512 0.68x, 2x2x512 0.48x (Winograd wins there). 1x1 convs stay matmuls
 # (ONEDNN_POINTWISE: GoogLeNet 1.00x at batch 128, 0.87x at 32; ResNet-18 0.99x at 32).
-# Layers of at most HYBRID_GEMM_MAX_CHANNELS input channels (first layers, LeNet-5's) take it
-# from ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS output pixels a call (batch 64 of 32x32 maps), the
-# banded matmul below that. In one process, oneDNN for them against the banded matmul: LeNet-5
-# at batch 32 0.92x, at 128 1.04x and 1.13x; GoogLeNet's stem at 32 1.06x, at 128 1.07x;
-# AlexNet at 128 1.05x; VGG16 at 32 1.01x; ResNet-18 at 32 1.02x, at 128 1.02x.
+# Layers of at most HYBRID_GEMM_MAX_CHANNELS input channels (first layers, LeNet-5's) take it too,
+# where the banded matmul below took them. In one process, oneDNN for them against the banded
+# matmul: at batch 128 LeNet-5 1.04x and 1.13x, GoogLeNet's stem 1.07x, AlexNet 1.05x, ResNet-18
+# 1.02x; at 32 (until aa39697 only from 65,536 output pixels a call, as LeNet-5's on both OpenMP
+# threads ran 0.92x) GoogLeNet 1.06x, AlexNet 1.05x, VGG16 1.015x, ResNet-18 0.98x, and LeNet-5's
+# two, on one thread a piece (lenet.py), 1.37x, at 128 1.23x against its second on the banded one.
 # Layers whose forward Winograd's tiles take (winograd_conv_applies) go to oneDNN from
 # ONEDNN_WINOGRAD_MIN_BATCH_PIXELS output pixels a call (batch 64 of 8x8 maps): 8x8x256 at batch
 # 32 (2,048 pixels) ran 0.80x through oneDNN, at 128 1.00x. In one process at batch 32, those
@@ -872,7 +873,6 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 # 1.05x (5 of 5 twice); AlexNet's 12x12 3x3 (4,608 pixels) on Winograd too, at 8,192: 0.977x.
 ONEDNN_CONV = True
 ONEDNN_MIN_PIXELS = 25
-ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS = 65536
 ONEDNN_WINOGRAD_MIN_BATCH_PIXELS = 4096
 ONEDNN_POINTWISE = False
 
@@ -880,9 +880,8 @@ ONEDNN_POINTWISE = False
 def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw, strides, padding: str) -> bool:
     pixels = out_hw[0] * out_hw[1]
     batch_pixels = x.shape[0] * pixels
-    enough_work = ((x.shape[-1] > HYBRID_GEMM_MAX_CHANNELS or batch_pixels >= ONEDNN_FEW_CHANNELS_MIN_BATCH_PIXELS)
-                   and (batch_pixels >= ONEDNN_WINOGRAD_MIN_BATCH_PIXELS
-                        or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper())))
+    enough_work = (batch_pixels >= ONEDNN_WINOGRAD_MIN_BATCH_PIXELS
+                   or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper()))
     return (ONEDNN_CONV and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
             and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
             and enough_work and onednn.available())

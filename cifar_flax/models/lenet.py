@@ -8,10 +8,11 @@ from flax import linen as nn
 
 from .layers import Conv, dense, flatten, get_activation, materialize, max_pool
 
-# oneDNN (where conv_hybrid hands it the first conv: from batch 84) on one thread a piece, the batch
-# in a piece a thread of XLA's pool (layers.Conv.onednn_pieces), rather than on all of oneDNN's
-# OpenMP threads: 2-core AVX-512 Xeon, batch 128, in one process (tools/ab_bench.py) 1.053x
-# (11 of 11 rounds faster), 1.045x (6 of 7); four pieces 1.052x.
+# oneDNN's convs on one thread a piece, the batch in a piece a thread of XLA's pool
+# (layers.Conv.onednn_pieces), rather than on all of oneDNN's OpenMP threads: 2-core AVX-512 Xeon,
+# in one process (tools/ab_bench.py), the first conv (all oneDNN then took, from batch 84) at
+# batch 128 1.053x (11 of 11 rounds faster), 1.045x (6 of 7), four pieces 1.052x; both convs so,
+# against the first only at 128 1.23x (9 of 9), against the banded matmul at 32 1.37x (9 of 9).
 ONEDNN_THREADS = 1
 ONEDNN_PIECES = 0
 
