@@ -16,10 +16,11 @@ BN_MODES = ('batch', 'frozen')
 # Where XLA has no other branch to run beside one (the 5x5s, the longest, finish last) a core sat
 # idle: each call's batch is split into a piece a thread of XLA's pool (ONEDNN_PIECES), which
 # an idle thread takes (layers.Conv.onednn_pieces; not measured on more than 2 cores). 2-core
-# AVX-512 Xeon, in one process, against one piece: batch 128 1.10x and 1.07x (6 of 7 and 6 of 7
-# rounds faster), batch 32 1.04x (8 of 9); the 5x5s alone 1.07x at 128; four pieces 1.00x of two.
-# (Split in the model instead, halves joined by a concatenate: 5x5s 1.055x, 3x3s too 0.94x.)
-# The stem, which runs alone, on all threads: 1.03x at 128 against one, 1.03x with pieces.
+# AVX-512 Xeon, in one process, against one piece: batch 128 1.05x, 1.07x and 1.10x (9 of 9, 6 of
+# 7, 6 of 7 rounds faster), batch 32 1.02x and 1.04x (8 of 11, 8 of 9); the 5x5s alone 1.07x at
+# 128; four pieces 1.00x of two. (Split in the model instead, halves joined by a concatenate:
+# 5x5s 1.055x, 3x3s too 0.94x.) The stem, which runs alone, on all threads against one: 1.009x at
+# 128 (6 of 9), 1.007x at 32 (7 of 11); against one thread in pieces 1.03x at 128.
 ONEDNN_THREADS = 1
 ONEDNN_PIECES = 0
 STEM_ONEDNN_THREADS = 0

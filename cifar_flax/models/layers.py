@@ -794,8 +794,8 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     """The fastest measured form per layer on XLA:CPU, also inside lax.scan.
 
     Where oneDNN is installed, the layers onednn_applies picks (a kernel larger than 1x1, at
-    least ONEDNN_MIN_PIXELS output pixels, and enough pixels a call where the banded matmul or
-    Winograd's tiles would take the layer) run its convolution (onednn.conv, on
+    least ONEDNN_MIN_PIXELS output pixels, and enough pixels a call where Winograd's tiles would
+    take the layer) run its convolution (onednn.conv, on
     ``onednn_threads`` threads: 0 all, 1 one; its batch in ``onednn_pieces`` pieces that XLA's
     idle threads may take); everything below is what runs without it, and for the rest.
     Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
@@ -863,7 +863,7 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 # Layers of at most HYBRID_GEMM_MAX_CHANNELS input channels (first layers, LeNet-5's) take it too,
 # where the banded matmul below took them. In one process, oneDNN for them against the banded
 # matmul: at batch 128 LeNet-5 1.04x and 1.13x, GoogLeNet's stem 1.07x, AlexNet 1.05x, ResNet-18
-# 1.02x; at 32 (until aa39697 only from 65,536 output pixels a call, as LeNet-5's on both OpenMP
+# 1.02x; at 32 (until 34111cd only from 65,536 output pixels a call, as LeNet-5's on both OpenMP
 # threads ran 0.92x) GoogLeNet 1.06x, AlexNet 1.05x, VGG16 1.015x, ResNet-18 0.98x, and LeNet-5's
 # two, on one thread a piece (lenet.py), 1.37x, at 128 1.23x against its second on the banded one.
 # Layers whose forward Winograd's tiles take (winograd_conv_applies) go to oneDNN from
