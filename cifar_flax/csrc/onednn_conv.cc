@@ -54,9 +54,9 @@ dnnl::primitive_attr Attr() {
 }
 
 // oneDNN's OpenMP threads: all of them (OMP_NUM_THREADS, else one a core), read when the library
-// loads, or one, as each call asks. A call sets its own count, on the XLA thread it runs on,
-// before its primitive is built (oneDNN plans its work for the thread count it sees then) and
-// before it runs: layers XLA runs beside others (GoogLeNet's branches) ask for one.
+// loads, or one, as each call asks. Each piece of a call sets the count on the thread it runs on
+// (ForEachPiece) before its primitive is built (oneDNN plans its work for the thread count it
+// sees then) and before it runs: layers XLA runs beside others (GoogLeNet's branches) ask for one.
 const int kAllThreads = omp_get_max_threads();
 
 int ThreadsFor(int64_t requested) { return requested == 1 ? 1 : kAllThreads; }
@@ -141,10 +141,9 @@ const Plan& CachedPlan(int kind, const ConvShape& s, Build build) {
   return *slot;
 }
 
-// The call's shape and thread count; sets this thread's OpenMP thread count for what follows.
-ConvShape SetUp(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Span<const int64_t> w,
-                int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads) {
-  omp_set_num_threads(ThreadsFor(threads));
+// The call's shape and thread count.
+ConvShape CallShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Span<const int64_t> w,
+                    int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads) {
   return ConvShape{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl, pb, pr, ThreadsFor(threads)};
 }
 
@@ -288,7 +287,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                        int64_t pb, int64_t pr, int64_t threads, int64_t pieces) {
   return Guarded([&] {
-    ConvShape s = SetUp(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    ConvShape s = CallShape(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
     ForEachPiece(pool, s, PiecesFor(pool, pieces, s.n), [&](const ConvShape& p, int64_t first, int64_t) {
       const Plan& plan = CachedPlan(0, p, [&] {
         auto pd = ForwardPd(p);
@@ -305,7 +304,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buf
                          ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                          int64_t pb, int64_t pr, int64_t threads, int64_t pieces) {
   return Guarded([&] {
-    ConvShape s = SetUp(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    ConvShape s = CallShape(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
     ForEachPiece(pool, s, PiecesFor(pool, pieces, s.n), [&](const ConvShape& p, int64_t first, int64_t) {
       const Plan& plan = CachedPlan(1, p, [&] {
         auto pd = BackwardPd<dnnl::convolution_backward_data>(p);
@@ -324,7 +323,7 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
                           int64_t pb, int64_t pr, int64_t threads, int64_t pieces) {
   return Guarded([&] {
-    ConvShape s = SetUp(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    ConvShape s = CallShape(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
     const int64_t n_pieces = PiecesFor(pool, pieces, s.n);
     const size_t kernel_size = dw->element_count();
     std::vector<std::vector<float>> partial(n_pieces - 1, std::vector<float>(kernel_size));
