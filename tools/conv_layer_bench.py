@@ -11,6 +11,7 @@ median per variant is printed with the ratio native / Winograd.
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,8 @@ def training_work(min_size: int):
         return jnp.sum(jnp.square(layers.conv_hybrid(x, kernel)))
 
     def run(x, kernel):
-        saved = layers.WINOGRAD_MIN_SIZE, layers.ONEDNN_CONV
-        layers.WINOGRAD_MIN_SIZE, layers.ONEDNN_CONV = min_size, False
-        try:
+        with mock.patch.multiple(layers, WINOGRAD_MIN_SIZE=min_size, ONEDNN_CONV=False):
             return jax.value_and_grad(loss, (0, 1))(x, kernel)
-        finally:
-            layers.WINOGRAD_MIN_SIZE, layers.ONEDNN_CONV = saved
     return jax.jit(run)
 
 

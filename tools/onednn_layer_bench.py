@@ -15,6 +15,7 @@ import argparse
 import collections
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -36,27 +37,20 @@ def conv_shapes(names, batch: int) -> collections.Counter:
             shapes[(x.shape[1:], kernel.shape, tuple(strides), padding)] += 1
         return hybrid(x, kernel, strides, padding, **kwargs)
 
-    layers.CONV_FUNCTIONS['hybrid'] = record
-    try:
+    with mock.patch.dict(layers.CONV_FUNCTIONS, hybrid=record):
         for name in names:
             model = models.get_model(name)
             jax.eval_shape(lambda m=model: m.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
                                                   jnp.zeros((batch, 32, 32, 3)), train=False))
-    finally:
-        layers.CONV_FUNCTIONS['hybrid'] = hybrid
     return shapes
 
 
 def training_work(use_onednn: bool, strides, padding):
     """jit of the conv's value and (x, kernel) gradients, the oneDNN switch fixed at trace time."""
     def run(x, kernel):
-        saved = layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS
-        layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS = use_onednn, 0
-        try:
+        with mock.patch.multiple(layers, ONEDNN_CONV=use_onednn, ONEDNN_MIN_PIXELS=0):
             loss = lambda x, k: jnp.sum(jnp.square(layers.conv_hybrid(x, k, strides, padding)))
             return jax.value_and_grad(loss, (0, 1))(x, kernel)
-        finally:
-            layers.ONEDNN_CONV, layers.ONEDNN_MIN_PIXELS = saved
     return jax.jit(run)
 
 
