@@ -83,6 +83,38 @@ def test_conv_in_pieces_matches_one_call(batch, pieces):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('width,k,fold,padding', [
+    (32, 5, 2, 'VALID'), (14, 5, 2, 'VALID'), (16, 5, 4, 'VALID'), (12, 3, 2, 'SAME'), (10, 5, 2, 'SAME')])
+def test_conv_with_width_folded_matches_conv(width, k, fold, padding):
+    """The width folded into channels (onednn.conv_folded): a conv of fold x the channels on the
+    reshaped map, with the same outputs and gradients as the plain call."""
+    x = jax.random.normal(jax.random.key(0), (3, 9, width, 3))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 3, 6)) * 0.3
+    pads = tuple(lax.padtype_to_pads((9, width), (k, k), (1, 1), padding))
+    assert onednn.width_fold_applies(width + sum(pads[1]), k, 1, fold)
+    folded = lambda x, kernel: onednn.conv_folded(x, kernel, (1, 1), pads, 1, 0, fold)
+    taps = (k + fold - 2) // fold + 1
+    assert f'tensor<{k}x{taps}x{3 * fold}x{6 * fold}xf32>' in _lowered(folded, x, kernel)
+    ref, got = (jax.jit(jax.value_and_grad(_loss(f), (0, 1)))(x, kernel)
+                for f in (lambda x, kernel: onednn.conv(x, kernel, (1, 1), pads, 1, 0), folded))
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('width,stride,fold', [(9, 1, 2), (10, 1, 4), (10, 2, 2)])
+def test_conv_folded_falls_back_where_the_fold_does_not_fit(width, stride, fold):
+    """An odd width (or output width), or a strided conv: the plain call, unfolded."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, width, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 6))
+    pads = ((0, 0), (0, 0))
+    assert not onednn.width_fold_applies(width, 3, stride, fold)
+    text = _lowered(lambda x, k: onednn.conv_folded(x, k, (1, stride), pads, 1, 0, fold), x, kernel)
+    assert 'tensor<3x3x3x6xf32>' in text and f'x{3 * fold}x{6 * fold}xf32>' not in text
+    np.testing.assert_array_equal(onednn.conv_folded(x, kernel, (1, stride), pads, 1, 0, fold),
+                                  onednn.conv(x, kernel, (1, stride), pads, 1, 0))
+
+
 def test_hybrid_hands_wide_layers_to_onednn_and_matches_xla(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 16))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 8)) * 0.1

@@ -790,14 +790,16 @@ _conv_canonical.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
 def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
-                chunk: int | None = None, onednn_threads: int = 0, onednn_pieces: int = 1) -> jax.Array:
+                chunk: int | None = None, onednn_threads: int = 0, onednn_pieces: int = 1,
+                onednn_fold: int = 1) -> jax.Array:
     """The fastest measured form per layer on XLA:CPU, also inside lax.scan.
 
     Where oneDNN is installed, the layers onednn_applies picks (a kernel larger than 1x1, at
     least ONEDNN_MIN_PIXELS output pixels, and enough pixels a call where Winograd's tiles would
     take the layer) run its convolution (onednn.conv, on
     ``onednn_threads`` threads: 0 all, 1 one; its batch in ``onednn_pieces`` pieces that XLA's
-    idle threads may take); everything below is what runs without it, and for the rest.
+    idle threads may take; its width folded into channels by ``onednn_fold`` where that fits,
+    onednn.conv_folded); everything below is what runs without it, and for the rest.
     Inputs of at most HYBRID_GEMM_MAX_CHANNELS channels: stride 1, one banded matmul
     (conv_toeplitz); strided or 1x1, im2col/matmul on batch slices of at most ``chunk``
     images. 1x1 kernels, maps smaller than the kernel and output maps of at most
@@ -827,7 +829,7 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     padded_hw = [n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads)]
     out_hw = _out_hw(padded_hw, (kh, kw), strides)
     if onednn_applies(x, kernel, out_hw, strides, padding):
-        return onednn.conv(x, kernel, strides, pads, onednn_threads, onednn_pieces)
+        return onednn.conv_folded(x, kernel, strides, pads, onednn_threads, onednn_pieces, onednn_fold)
     if x.shape[-1] <= HYBRID_GEMM_MAX_CHANNELS:
         if strides == (1, 1) and (kh, kw) != (1, 1):
             return conv_toeplitz(x, kernel, strides, padding)
@@ -843,14 +845,14 @@ def conv_hybrid(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 
 
 def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 'SAME',
-                onednn_threads: int = 0, onednn_pieces: int = 1) -> jax.Array:
+                onednn_threads: int = 0, onednn_pieces: int = 1, onednn_fold: int = 1) -> jax.Array:
     """oneDNN's direct convolution (float32, CPU; models/onednn.py), forward and both gradients."""
     onednn.require()
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(f'the oneDNN convolutions are float32 only, got {x.dtype} and {kernel.dtype}')
     strides = _pair(strides)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-    return onednn.conv(x, kernel, strides, pads, onednn_threads, onednn_pieces)
+    return onednn.conv_folded(x, kernel, strides, pads, onednn_threads, onednn_pieces, onednn_fold)
 
 
 # conv_hybrid hands a layer to oneDNN (when it is available: models/onednn.py) when its kernel is
@@ -911,9 +913,11 @@ class Conv(nn.Module):
     bias_init: Callable = nn.initializers.zeros
     activation: Callable[[jax.Array], jax.Array] | None = None  # applied with the bias: bias_activation
     # oneDNN's threads for this layer (onednn.conv): 0 all, 1 one, for layers XLA runs beside others;
-    # pieces of its batch for XLA's idle threads: 1 none, 0 one a thread of XLA's pool
+    # pieces of its batch for XLA's idle threads: 1 none, 0 one a thread of XLA's pool; its width
+    # folded into channels, onednn_fold pixels a group (onednn.conv_folded: for few output channels)
     onednn_threads: int = 0
     onednn_pieces: int = 1
+    onednn_fold: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, add_bias: bool = True) -> jax.Array:
@@ -924,7 +928,8 @@ class Conv(nn.Module):
         impl = resolve_conv_impl(self.impl)
         fn = CONV_FUNCTIONS[impl]
         if impl in ('hybrid', 'onednn'):
-            fn = functools.partial(fn, onednn_threads=self.onednn_threads, onednn_pieces=self.onednn_pieces)
+            fn = functools.partial(fn, onednn_threads=self.onednn_threads, onednn_pieces=self.onednn_pieces,
+                                   onednn_fold=self.onednn_fold)
         y = fn(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.strides), self.padding)
         bias = None
         if self.use_bias:

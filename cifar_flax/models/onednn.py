@@ -19,6 +19,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).resolve().parents[1] / 'csrc' / 'onednn_conv.cc'
@@ -149,3 +151,44 @@ def _conv_bwd(strides, pads, threads, pieces, residuals, g):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def width_fold_applies(width: int, kernel_width: int, stride_width: int, fold: int) -> bool:
+    """Whether conv_folded can fold a (padded) input of ``width`` into groups of ``fold`` pixels."""
+    out_width = width - kernel_width + 1
+    return fold > 1 and stride_width == 1 and width % fold == 0 and out_width > 0 and out_width % fold == 0
+
+
+def fold_width_kernel(kernel: jax.Array, fold: int) -> jax.Array:
+    """The HWIO kernel of a stride-1 conv made to run on maps whose width is folded into channels,
+    ``fold`` pixels a group ([n, h, w, c] -> [n, h, w / fold, fold * c], a free reshape): its tap j
+    joins input pixel p of group Y + j to output pixel q of group Y through the original tap
+    fold * j + p - q (zero where that is outside the kernel)."""
+    kh, kw, channels, features = kernel.shape
+    taps = (kw + fold - 2) // fold + 1
+    select = np.zeros((taps, fold, fold, kw), np.float32)
+    for j, p, q in itertools.product(range(taps), range(fold), range(fold)):
+        if 0 <= fold * j + p - q < kw:
+            select[j, p, q, fold * j + p - q] = 1
+    folded = jnp.einsum('htco,jpqt->hjpcqo', kernel, select.astype(kernel.dtype))
+    return folded.reshape(kh, taps, fold * channels, fold * features)
+
+
+def conv_folded(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, threads: int = 0,
+                pieces: int = 1, fold: int = 1) -> jax.Array:
+    """``conv`` with the width folded into channels, ``fold`` pixels a group, where that fits
+    (width_fold_applies, after the left and right pads, which are then written out); else ``conv``.
+
+    For layers of few output channels: oneDNN vectorizes over output channels, so LeNet-5's
+    3->6 5x5 fills 6 of a vector's 16 lanes; folded by 2 it is a 6->12 5x3 conv with 1.2x the
+    multiply-adds of the original (the folded kernel's zeros) and runs 1.6x faster (lenet.py)."""
+    (top, bottom), (left, right) = pads
+    kh, kw, _, features = kernel.shape
+    if not width_fold_applies(x.shape[2] + left + right, kw, strides[1], fold):
+        return conv(x, kernel, strides, pads, threads, pieces)
+    if left or right:
+        x = jnp.pad(x, ((0, 0), (0, 0), (left, right), (0, 0)))
+    n, h, w, channels = x.shape
+    y = conv(x.reshape(n, h, w // fold, fold * channels), fold_width_kernel(kernel, fold), strides,
+             ((top, bottom), (0, 0)), threads, pieces)
+    return y.reshape(n, y.shape[1], w - kw + 1, features)
