@@ -165,6 +165,32 @@ def test_every_activation(activation):
     assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.parametrize('activation', ['sigmoid', 'relu', 'tanh', 'gelu', 'silu'])
+def test_lenet_pools_before_monotone_activations(activation, monkeypatch):
+    """LeNet-5 runs its bias and activation after the max pool where they commute (non-decreasing
+    activations: lenet.POOL_BEFORE_ACTIVATION), on a quarter of the pixels, with the same outputs
+    and gradients as in the usual order; gelu and silu (not monotone) keep the usual order."""
+    from cifar_flax.models import lenet
+    act, sizes = layers.get_activation(activation), []
+    # records the size of what the activation is applied to, when traced
+    monkeypatch.setattr(lenet, 'get_activation', lambda name: lambda y: sizes.append(y.size) or act(y))
+    model = get_model('lenet5', activation=activation)
+    variables, x = init(model)
+
+    def run(pool_first):
+        monkeypatch.setattr(lenet, 'POOL_BEFORE_ACTIVATION', pool_first)
+        sizes.clear()
+        loss = lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x)))
+        result = jax.jit(jax.value_and_grad(loss, (0, 1)))(variables['params'], x)
+        return result, sizes[0]  # the first conv's
+
+    (pooled, first_size), (usual, usual_size) = run(True), run(False)
+    assert usual_size == 2 * 28 * 28 * 6
+    assert first_size == (2 * 14 * 14 * 6 if activation in layers.MONOTONE_ACTIVATIONS else usual_size)
+    for a, b in zip(jax.tree_util.tree_leaves(pooled), jax.tree_util.tree_leaves(usual)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # Every conv configuration the networks use: (kernel, stride, padding, cin, cout, size).
 CONV_CONFIGS = [
     (5, 1, 'VALID', 3, 6, 32),    # lenet5

@@ -39,6 +39,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'leaky_relu': nn.leaky_relu,
 }
 
+# Non-decreasing: a max pool commutes with them (act(max z) == max act(z), also in floating point).
+MONOTONE_ACTIVATIONS = frozenset({'relu', 'sigmoid', 'tanh', 'elu', 'leaky_relu'})
+
 CONV_IMPLS = ('auto', 'xla', 'gemm', 'hybrid', 'onednn')
 POOL_IMPLS = ('auto', 'xla', 'slices')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -918,6 +921,9 @@ class Conv(nn.Module):
     onednn_threads: int = 0
     onednn_pieces: int = 1
     onednn_fold: int = 1
+    # a max pool run on the conv's output before the bias and activation: it commutes with them
+    # when the activation is non-decreasing (MONOTONE_ACTIVATIONS), which then run on its output
+    pool: Callable[[jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, add_bias: bool = True) -> jax.Array:
@@ -931,6 +937,8 @@ class Conv(nn.Module):
             fn = functools.partial(fn, onednn_threads=self.onednn_threads, onednn_pieces=self.onednn_pieces,
                                    onednn_fold=self.onednn_fold)
         y = fn(x.astype(self.dtype), kernel.astype(self.dtype), _pair(self.strides), self.padding)
+        if self.pool is not None:
+            y = self.pool(y)
         bias = None
         if self.use_bias:
             bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)

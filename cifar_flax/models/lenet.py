@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import Conv, dense, flatten, get_activation, materialize, max_pool
+from .layers import MONOTONE_ACTIVATIONS, Conv, dense, flatten, get_activation, materialize, max_pool
 
 # oneDNN's convs on one thread a piece, the batch in a piece a thread of XLA's pool
 # (layers.Conv.onednn_pieces), rather than on all of oneDNN's OpenMP threads: 2-core AVX-512 Xeon,
@@ -20,6 +20,10 @@ ONEDNN_PIECES = 0
 # 1.6x faster alone (one thread, 64 images) and LeNet-5 trained 1.12x faster at batch 128, 1.07x
 # at 32 (9 of 9 rounds each); folded by 4 1.00x at 32; the second folded too (16->32) 0.98x.
 ONEDNN_FOLD = (2, 1)
+# Each conv's bias and activation after its 2x2 max pool, where they commute (non-decreasing
+# activations, layers.MONOTONE_ACTIVATIONS: the same outputs): on a quarter of the pixels, and the
+# bias gradient summed over the pooled map. 1.05x at batch 128, 1.10x at 32 (9 of 9 rounds each).
+POOL_BEFORE_ACTIVATION = True
 
 
 class LeNet5(nn.Module):
@@ -33,12 +37,15 @@ class LeNet5(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = get_activation(self.activation)
         x = x.astype(self.dtype)
+        pool = lambda y: max_pool(y, 2, 2, impl=self.pool)
+        pool_first = POOL_BEFORE_ACTIVATION and self.activation in MONOTONE_ACTIVATIONS
         for features, fold in zip((6, 16), ONEDNN_FOLD):
             x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act,
-                     onednn_threads=ONEDNN_THREADS, onednn_pieces=ONEDNN_PIECES, onednn_fold=fold)(x)
+                     onednn_threads=ONEDNN_THREADS, onednn_pieces=ONEDNN_PIECES, onednn_fold=fold,
+                     pool=pool if pool_first else None)(x)
             # written once: XLA:CPU otherwise fuses the pool into its reader and recomputes it
             # (for the first pool, in every patch of the next conv)
-            x = materialize(max_pool(x, 2, 2, impl=self.pool))
+            x = materialize(x if pool_first else pool(x))
         x = flatten(x)
         for features in (120, 84):
             x = act(dense(features, self.dtype)(x))
