@@ -22,7 +22,9 @@ ONEDNN_PIECES = 0
 ONEDNN_FOLD = (2, 1)
 # Each conv's bias and activation after its 2x2 max pool, where they commute (non-decreasing
 # activations, layers.MONOTONE_ACTIVATIONS: the same outputs): on a quarter of the pixels, and the
-# bias gradient summed over the pooled map. 1.05x at batch 128, 1.10x at 32 (9 of 9 rounds each).
+# bias gradient summed over the pooled map. 1.05x at batch 128, 1.10x at 32 (9 of 9 rounds each);
+# then the pool written once and the activation's output not: 1.097x at 128 (11 of 11), 0.999x at
+# 32 (6 of 13); both written 1.055x (9 of 11) / 0.984x (4 of 13).
 POOL_BEFORE_ACTIVATION = True
 
 
@@ -37,15 +39,17 @@ class LeNet5(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = get_activation(self.activation)
         x = x.astype(self.dtype)
-        pool = lambda y: max_pool(y, 2, 2, impl=self.pool)
+        # The pool written once: XLA:CPU otherwise fuses it into its reader and recomputes it (in
+        # every patch of the next conv; in the activation's row view, layers.channelwise, read
+        # through a reshape, which made the first conv's bias + sigmoid 4x slower).
+        pool = lambda y: materialize(max_pool(y, 2, 2, impl=self.pool))
         pool_first = POOL_BEFORE_ACTIVATION and self.activation in MONOTONE_ACTIVATIONS
         for features, fold in zip((6, 16), ONEDNN_FOLD):
             x = Conv(features, 5, padding='VALID', dtype=self.dtype, impl=self.conv, activation=act,
                      onednn_threads=ONEDNN_THREADS, onednn_pieces=ONEDNN_PIECES, onednn_fold=fold,
                      pool=pool if pool_first else None)(x)
-            # written once: XLA:CPU otherwise fuses the pool into its reader and recomputes it
-            # (for the first pool, in every patch of the next conv)
-            x = materialize(x if pool_first else pool(x))
+            if not pool_first:
+                x = pool(x)
         x = flatten(x)
         for features in (120, 84):
             x = act(dense(features, self.dtype)(x))
