@@ -70,10 +70,11 @@ def test_conv_inside_scan_and_vmap(pieces):
 
 
 @pytest.mark.parametrize('pieces', [0, 2, 3])
-@pytest.mark.parametrize('batch', [1, 3, 5])
+@pytest.mark.parametrize('batch', [1, 2, 3, 4, 5, 8])
 def test_conv_in_pieces_matches_one_call(batch, pieces):
     """A call's batch split into pieces (RunPieces: each run by a thread of XLA's pool or by the
-    caller): the same outputs and input gradient, the kernel gradient summed over pieces."""
+    caller; PieceStart: the caller's one image larger where there are more images than pieces):
+    the same outputs and input gradient, the kernel gradient summed over pieces."""
     x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 16))
     kernel = jax.random.normal(jax.random.key(1), (5, 5, 16, 8)) * 0.1
     pads = ((2, 2), (2, 2))

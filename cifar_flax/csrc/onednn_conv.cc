@@ -270,13 +270,23 @@ int64_t PiecesFor(ffi::ThreadPool& pool, int64_t requested, int64_t n) {
   return std::max<int64_t>(1, std::min(requested == 0 ? pool.num_threads() : requested, n));
 }
 
+// The first image of piece i (of n images in ``pieces``; i == pieces: n). An even split, but for one
+// image more in the calling thread's piece (0): a pool thread starts its piece a wake-up later
+// (10-17 us measured), on a core whose caches lack the operands. LeNet-5 1.076x at batch 32 (11 of
+// 11 rounds), 1.036x at 128 (7 of 9); two images more 1.038x / 1.021x; GoogLeNet 1.00x at both.
+int64_t PieceStart(int64_t n, int64_t pieces, int64_t i) {
+  if (i == 0 || pieces == 1) return i == 0 ? 0 : n;
+  int64_t lead = n / pieces + (n > pieces ? 1 : 0);
+  return lead + (n - lead) * (i - 1) / (pieces - 1);
+}
+
 // body(piece's shape, its first image, its index) for each piece of the call's batch (RunPieces),
 // each on the call's OpenMP thread count.
 template <typename Body>
 void ForEachPiece(ffi::ThreadPool& pool, const ConvShape& s, int64_t pieces, Body body) {
   RunPieces(pool, pieces, [&](int64_t i) {
     omp_set_num_threads(s.threads);
-    int64_t first = s.n * i / pieces, last = s.n * (i + 1) / pieces;
+    int64_t first = PieceStart(s.n, pieces, i), last = PieceStart(s.n, pieces, i + 1);
     ConvShape piece = s;
     piece.n = last - first;
     body(piece, first, i);
