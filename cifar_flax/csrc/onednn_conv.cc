@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <cstdint>
@@ -28,6 +29,9 @@
 #include <vector>
 
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -208,13 +212,23 @@ ffi::Error Guarded(Body body) {
 // with its own. A layer XLA runs alone then has the idle core work on it; one that XLA runs beside
 // other work stays on this thread, with no more threads than cores (oneDNN on all cores beside
 // XLA's work oversubscribed them: GoogLeNet 0.79-0.86x).
+constexpr std::chrono::microseconds kSpinBeforeSleeping{200};
+
+// A busy-wait loop's pause (x86's PAUSE: spares the memory bus and the sibling hyperthread).
+// std::this_thread::yield, a system call, gained a third as much (LeNet-5 1.046x at batch 32).
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
 template <typename Piece>
 void RunPieces(ffi::ThreadPool& pool, int64_t pieces, Piece piece) {
   struct State {
     std::unique_ptr<std::atomic<bool>[]> claimed;
     std::mutex mutex;
     std::condition_variable finished;
-    int64_t done = 0;
+    std::atomic<int64_t> done{0};
     std::exception_ptr error;
     Piece* piece;
   };
@@ -259,6 +273,13 @@ void RunPieces(ffi::ThreadPool& pool, int64_t pieces, Piece piece) {
       error = std::current_exception();
     }
   }
+  // The pool's pieces are mostly under way by now: spin for them a while before sleeping, as a
+  // sleeping thread wakes 10-20 us after the notification. LeNet-5 at batch 32 1.077x and 1.119x
+  // (9 of 9 rounds each) with 200 us, 1.081x with 1,000, 1.082x with 50; at 128 1.045x and 1.065x,
+  // 1.044x, 1.048x; GoogLeNet 0.99-1.01x.
+  const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleeping;
+  while (state->done.load(std::memory_order_acquire) != taken_by_pool && std::chrono::steady_clock::now() < spin_until)
+    CpuRelax();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->finished.wait(lock, [&] { return state->done == taken_by_pool; });
   if (!error) error = state->error;
