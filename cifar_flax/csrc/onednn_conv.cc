@@ -207,21 +207,22 @@ ffi::Error Guarded(Body body) {
   }
 }
 
-// Runs piece(0) .. piece(pieces - 1): the first here, the others offered to XLA's intra-op thread
-// pool and taken back by this thread when no pool thread has started them by the time it is done
-// with its own. A layer XLA runs alone then has the idle core work on it; one that XLA runs beside
-// other work stays on this thread, with no more threads than cores (oneDNN on all cores beside
-// XLA's work oversubscribed them: GoogLeNet 0.79-0.86x).
+// How long RunPieces's calling thread spins for the pool's pieces before it sleeps.
 constexpr std::chrono::microseconds kSpinBeforeSleeping{200};
 
 // A busy-wait loop's pause (x86's PAUSE: spares the memory bus and the sibling hyperthread).
-// std::this_thread::yield, a system call, gained a third as much (LeNet-5 1.046x at batch 32).
+// std::this_thread::yield, a system call, gained about half as much (LeNet-5 1.046x at batch 32).
 inline void CpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
 #endif
 }
 
+// Runs piece(0) .. piece(pieces - 1): the first here, the others offered to XLA's intra-op thread
+// pool and taken back by this thread when no pool thread has started them by the time it is done
+// with its own. A layer XLA runs alone then has the idle core work on it; one that XLA runs beside
+// other work stays on this thread, with no more threads than cores (oneDNN on all cores beside
+// XLA's work oversubscribed them: GoogLeNet 0.79-0.86x).
 template <typename Piece>
 void RunPieces(ffi::ThreadPool& pool, int64_t pieces, Piece piece) {
   struct State {
