@@ -183,7 +183,7 @@ def conv_folded(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads,
     3->6 5x5 fills 6 of a vector's 16 lanes; folded by 2 it is a 6->12 5x3 conv with 1.2x the
     multiply-adds of the original (the folded kernel's zeros) and runs 1.6x faster (lenet.py)."""
     (top, bottom), (left, right) = pads
-    kh, kw, _, features = kernel.shape
+    _, kw, _, features = kernel.shape
     if not width_fold_applies(x.shape[2] + left + right, kw, strides[1], fold):
         return conv(x, kernel, strides, pads, threads, pieces)
     if left or right:
