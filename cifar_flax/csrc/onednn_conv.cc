@@ -4,8 +4,9 @@
 // convolutions on; XLA:CPU's own convolution and the matmul-based forms in layers.py are slower
 // on wide layers with large maps (docs/performance.md).
 //
-// Built and run against oneDNN 2.6 (Debian 12's libdnnl-dev); the 3.x constructors of the
-// primitive descriptors compile against oneDNN 3.13's headers but have not run.
+// Built and run against oneDNN 2.6 (Debian 12's libdnnl-dev), the project's route; the 3.x
+// constructors of the primitive descriptors against 3.13 from PyPI (tools/onednn3_check.sh: the
+// tests pass; that build trains slower, its threads the SYCL runtime's, not the OpenMP ones below).
 // Each handler builds its primitive for the shapes it is called with, once (CachedPlan), keyed
 // by shapes, attributes and thread count. Weights are reordered to and from the blocked
 // layout oneDNN chooses ("any"); activations stay NHWC, as in PyTorch's channels-last mode.
