@@ -45,6 +45,37 @@ def test_conv_matches_xla_with_gradients(shape, k, strides, padding, threads):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('k,pieces', [(3, 1), (5, 0)])
+def test_narrow_forward_runs_as_input_grad_and_matches_xla(k, pieces, monkeypatch):
+    """A stride-1 'same' layer of at most 16 channels: its forward is oneDNN's input gradient of
+    the flipped kernel (onednn.forward_as_input_grad), with XLA's outputs and gradients."""
+    monkeypatch.setattr(onednn, 'FORWARD_AS_INPUT_GRAD_MIN_PIXELS', 2 * 9 * 9)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 5, 7)) * 0.3
+    pads = ((k // 2, k // 2), (k // 2, k // 2))
+    conv = lambda x, kernel: onednn.conv(x, kernel, (1, 1), pads, 1, pieces)
+    text = _lowered(conv, x, kernel)
+    assert 'onednn_conv_input_grad' in text and 'onednn_conv_forward' not in text
+    ref = jax.value_and_grad(_loss(lambda x, k: lax.conv_general_dilated(
+        x, k, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))), (0, 1))(x, kernel)
+    got = jax.jit(jax.value_and_grad(_loss(conv), (0, 1)))(x, kernel)
+    for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape,strides,pads', [
+    ((2, 9, 9, 5, 7), (2, 2), ((1, 1), (1, 1))),    # strided
+    ((2, 9, 9, 5, 7), (1, 1), ((0, 0), (0, 0))),    # 'valid'
+    ((2, 9, 9, 5, 32), (1, 1), ((1, 1), (1, 1))),   # wide
+    ((1, 9, 9, 5, 7), (1, 1), ((1, 1), (1, 1)))])   # under the pixel floor
+def test_forward_kernel_kept_elsewhere(shape, strides, pads, monkeypatch):
+    monkeypatch.setattr(onednn, 'FORWARD_AS_INPUT_GRAD_MIN_PIXELS', 2 * 9 * 9)
+    n, h, w, cin, cout = shape
+    x, kernel = jnp.ones((n, h, w, cin)), jnp.ones((3, 3, cin, cout))
+    text = _lowered(lambda x, k: onednn.conv(x, k, strides, pads, 1, 0), x, kernel)
+    assert 'onednn_conv_forward' in text and 'onednn_conv_input_grad' not in text
+
+
 @pytest.mark.parametrize('pieces', [1, 2])
 def test_conv_inside_scan_and_vmap(pieces):
     """Inside lax.scan (train.fit's loop) and vmapped over members (sweeps), as a batch of calls."""

@@ -136,8 +136,34 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, thread
     kh, kw, _, features = kernel.shape
     out_h = (h + sum(pads[0]) - kh) // strides[0] + 1
     out_w = (w + sum(pads[1]) - kw) // strides[1] + 1
+    if forward_as_input_grad(kernel.shape, strides, pads, n * out_h * out_w):
+        # the same sums as the input gradient of a conv whose kernel is this one flipped in
+        # space, its channel axes swapped (stride 1, 'same' padding: the same geometry)
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+        return _call('input_grad', (n, out_h, out_w, features), x, flipped, strides=strides, pads=pads,
+                     threads=threads, pieces=pieces)
     return _call('forward', (n, out_h, out_w, features), x, kernel, strides=strides, pads=pads, threads=threads,
                  pieces=pieces)
+
+
+# oneDNN 2.6's forward kernel (brgconv) runs layers of at most 16 channels at about half the
+# FLOP/s of its input-gradient kernel (ONEDNN_VERBOSE, one thread, GoogLeNet at batch 32: the
+# 16x16x16 3x3 forward 94-111 GFLOP/s, its input gradient 185-190; the 5x5 145-147 against
+# 208-209; the stem's 3->16 forward 0.54 ms against 0.43). So such forwards run as input
+# gradients. GoogLeNet in one process (tools/ab_bench.py, median paired ratio, rounds faster):
+# batch 128 1.026x (7 of 9) and 1.020x (9 of 11); at 32 the 16x16 maps' calls (8,192 pixels)
+# 0.991x (4 of 9) and 0.976x (3 of 13), hence the pixel floor (the stem alone at 32: 1.005x,
+# 7 of 11). Wider layers: the 8x8x32 3x3s and 5x5s too 0.974x at 32.
+FORWARD_AS_INPUT_GRAD_MAX_CHANNELS = 16
+FORWARD_AS_INPUT_GRAD_MIN_PIXELS = 16384
+
+
+def forward_as_input_grad(kernel_shape, strides, pads, out_pixels: int) -> bool:
+    """Whether ``conv`` runs its forward as oneDNN's input gradient of the flipped kernel."""
+    kh, kw, channels, features = kernel_shape
+    same = all(lo == hi == (k - 1) // 2 and k % 2 for (lo, hi), k in zip(pads, (kh, kw)))
+    return (tuple(strides) == (1, 1) and same and kh * kw > 1 and out_pixels >= FORWARD_AS_INPUT_GRAD_MIN_PIXELS
+            and max(channels, features) <= FORWARD_AS_INPUT_GRAD_MAX_CHANNELS)
 
 
 def _conv_fwd(x, kernel, strides, pads, threads, pieces):
