@@ -37,6 +37,7 @@ DEFAULT_SCAN_STEPS = 50
 
 def parse_args(argv=None) -> argparse.Namespace:
     from cifar_flax.models import CONV_IMPLS, MODEL_NAMES, POOL_IMPLS
+    from cifar_flax.config import MATMUL_PRECISIONS
     from cifar_flax.models.layers import DTYPES
     p = argparse.ArgumentParser(prog='python -m cifar_flax.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help=f"one of {', '.join(MODEL_NAMES)} (or googlenet)")
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--windows', type=int, default=5, help='timed windows (the median is reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
     p.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
+    p.add_argument('--matmul-precision', default='default', choices=MATMUL_PRECISIONS,
+                   help="jax.default_matmul_precision for the programs; 'bfloat16' on the CPU: oneDNN's "
+                        'convolutions multiply float32 operands in bfloat16 (AMX where the CPU has it)')
     p.add_argument('--conv', default='auto', choices=CONV_IMPLS)
     p.add_argument('--pool', default='auto', choices=POOL_IMPLS)
     p.add_argument('--devices', type=int, default=1,
@@ -153,14 +157,15 @@ def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = 5, dtype: s
 
 
 def bench_model(model: str, batch: int, *, dtype: str = 'float32', conv: str = 'auto',
-                pool: str = 'auto', data: str | None = None):
+                pool: str = 'auto', data: str | None = None, matmul_precision: str = 'default'):
     """(config, network) benchmarked: the seed protocol's Adam, with BatchNorm in training
     mode for every network, as the performance issue and tools/peer_bench.py measure the
     peers; not the seed protocol's frozen-BatchNorm GoogLeNet, whose BatchNorms are
     per-channel affine maps (no batch statistics, a cheaper backward)."""
     from cifar_flax.config import make_config
     from cifar_flax.models import get_model
-    config = make_config(model, 'seed', batch_size=batch, dtype=dtype, conv=conv, data=data or '', bn='batch')
+    config = make_config(model, 'seed', batch_size=batch, dtype=dtype, conv=conv, data=data or '', bn='batch',
+                         matmul_precision=matmul_precision)
     return config, get_model(config.network, pool=pool, **config.model_options())
 
 
@@ -180,13 +185,14 @@ def bench_optimizer(config, dataset, batch: int):
     return train.make_optimizer(config, steps_per_epoch=max(1, len(dataset.train_images) // batch))
 
 
-def scan_chunk_setup(model: str, batch: int, steps: int, dataset, conv: str = 'auto'):
+def scan_chunk_setup(model: str, batch: int, steps: int, dataset, conv: str = 'auto', dtype: str = 'float32',
+                     matmul_precision: str = 'default'):
     """What `--mode scan` trains, for tools that compile and call its chunk in their own process
     (tools/ab_bench.py, tools/profile_step.py): (config, network, optimizer, chunk_args), where
     chunk_args = (images, labels, indices) on the device, indices ``steps`` real batches; the
     chunk is compiled by compile_scan_chunk."""
     import jax.numpy as jnp
-    config, net = bench_model(model, batch, conv=conv)
+    config, net = bench_model(model, batch, dtype=dtype, conv=conv, matmul_precision=matmul_precision)
     chunk_args = (jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels),
                   jnp.asarray(batch_indices(dataset, batch, steps)))
     return config, net, bench_optimizer(config, dataset, batch), chunk_args
@@ -204,7 +210,8 @@ def compile_scan_chunk(config, net, tx, chunk_args, compiler_options: dict | Non
 
 def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float = 2.0,
               windows: int = 5, warmup: int = 2,
-              dtype: str = 'float32', conv: str = 'auto', pool: str = 'auto', devices: int = 1,
+              dtype: str = 'float32', matmul_precision: str = 'default', conv: str = 'auto',
+              pool: str = 'auto', devices: int = 1,
               mode: str = 'step', data: str | None = None, dataset=None, peak: bool = False,
               evaluate: bool = True) -> dict:
     """Measure one configuration; returns the JSON record. ``dataset`` (a data.Cifar10)
@@ -223,7 +230,8 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     name = canonical_name(model)
     if len(jax.devices()) < devices:
         raise ValueError(f'{devices} devices requested, {len(jax.devices())} available')
-    config, net = bench_model(name, batch, dtype=dtype, conv=conv, pool=pool, data=data)
+    config, net = bench_model(name, batch, dtype=dtype, conv=conv, pool=pool, data=data,
+                              matmul_precision=matmul_precision)
 
     if dataset is None:
         dataset = data_lib.load_cifar10(data)
@@ -291,6 +299,7 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
     train_flops, eval_flops = model_flops(config, tx, batch)
     record = {'model': name, 'batch': batch, 'train_img_s': round(train_rate, 1), 'eval_img_s': None,
               'params': count_params(state.params), 'devices': devices, 'dtype': dtype,
+              'matmul_precision': matmul_precision,
               'conv': conv, 'conv_resolved': resolve_conv_impl(conv), 'onednn': layers.uses_onednn(conv),
               'mode': mode,
               'train_gflops': None, 'flops_fraction': None,
@@ -308,7 +317,8 @@ def run_bench(model: str, batch: int, *, steps: int = 0, window_seconds: float =
 
     if evaluate:
         variables = train.model_variables(state)
-        infer = xla_options.jit(lambda v, x: net.apply(v, x, train=False))
+        infer = xla_options.jit(train.under_matmul_precision(lambda v, x: net.apply(v, x, train=False),
+                                                             config.matmul_precision))
         compiled_eval = infer.lower(variables, batches[0][0]).compile()
         jax.block_until_ready(compiled_eval(variables, batches[0][0]))
 
@@ -335,7 +345,8 @@ def main(argv=None) -> None:
     try:
         record = run_bench(args.model, args.batch, steps=args.steps, window_seconds=args.window_seconds,
                            windows=args.windows,
-                           warmup=args.warmup, dtype=args.dtype, conv=args.conv, pool=args.pool,
+                           warmup=args.warmup, dtype=args.dtype, matmul_precision=args.matmul_precision,
+                           conv=args.conv, pool=args.pool,
                            devices=args.devices, mode=args.mode, data=args.data, peak=args.peak,
                            evaluate=args.eval)
     except (ValueError, FileNotFoundError) as error:

@@ -25,6 +25,10 @@ ACTIVATION_NAMES = ("relu", "sigmoid", "tanh", "gelu", "silu", "elu", "leaky_rel
 PROTOCOLS = ("seed", "recipe")
 NORMALIZATIONS = ("unit", "standard")
 DTYPES = ("float32", "bfloat16")
+# jax.default_matmul_precision for the run's programs ('default': the process's, float32 on the
+# CPU, TF32 on recent NVIDIA GPUs). 'bfloat16' on the CPU: oneDNN's convolutions multiply float32
+# operands in bfloat16 (AMX where the CPU has it; models/onednn.py).
+MATMUL_PRECISIONS = ("default", "bfloat16", "tensorfloat32", "float32")
 CONV_IMPLS = ("auto", "xla", "gemm")
 BN_MODES = ("batch", "frozen")
 
@@ -55,6 +59,7 @@ class Config:
   activation: str = ""
   bn: str = "batch"  # inception10 only: 'frozen' reproduces the original's quirk.
   dtype: str = "float32"
+  matmul_precision: str = "default"
   conv: str = "auto"
   dropout: float = -1.0  # < 0: the network's own rate; only networks with Dropout.
   # Data.
@@ -154,6 +159,7 @@ def validate(config: Config) -> None:
   _check_choice("bn", config.bn, BN_MODES)
   _check_choice("normalization", config.normalization, NORMALIZATIONS)
   _check_choice("dtype", config.dtype, DTYPES)
+  _check_choice("matmul_precision", config.matmul_precision, MATMUL_PRECISIONS)
   _check_choice("conv", config.conv, CONV_IMPLS)
   for name in ("learning_rate", "batch_size", "epochs", "eval_batch_size", "steps_per_call",
                "checkpoint_every"):

@@ -10,6 +10,7 @@ as an uninterrupted one on the CPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -147,8 +148,21 @@ def model_variables(state: TrainState) -> dict:
   return variables
 
 
+def under_matmul_precision(fn: Callable, precision: str) -> Callable:
+  """``fn``, traced under ``jax.default_matmul_precision(precision)`` ('default': unchanged)."""
+  if precision == "default":
+    return fn
+
+  @functools.wraps(fn)
+  def traced_under(*args, **kwargs):
+    with jax.default_matmul_precision(precision):
+      return fn(*args, **kwargs)
+  return traced_under
+
+
 def make_train_step(model, tx, config: Config):
   """train_step(state, (images, labels)) -> (state, metrics); pure."""
+  @functools.partial(under_matmul_precision, precision=config.matmul_precision)
   def train_step(state: TrainState, batch):
     images, labels = batch
     dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 0)
@@ -213,6 +227,7 @@ def make_evaluate(model, config: Config):
   compute_dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   batch_size = config.eval_batch_size
 
+  @functools.partial(under_matmul_precision, precision=config.matmul_precision)
   def evaluate(variables, images, labels):
     batches = (images.reshape(-1, batch_size, *images.shape[1:]), labels.reshape(-1, batch_size))
 

@@ -185,9 +185,93 @@ def test_threads_and_pieces_per_network():
         assert {(threads, pieces) for pieces, threads in found} == expect, (name, found)
 
 
-def test_explicit_impl_rejects_bfloat16():
-    with pytest.raises(ValueError, match='float32 only'):
-        layers.conv_onednn(jnp.zeros((1, 8, 8, 4), jnp.bfloat16), jnp.zeros((3, 3, 4, 4), jnp.bfloat16))
+@pytest.mark.parametrize('x_dtype, kernel_dtype', [(jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float16)])
+def test_explicit_impl_rejects_mixed_or_unsupported_dtypes(x_dtype, kernel_dtype):
+    with pytest.raises(ValueError, match='float32 or bfloat16'):
+        layers.conv_onednn(jnp.zeros((1, 8, 8, 4), x_dtype), jnp.zeros((3, 3, 4, 4), kernel_dtype))
+
+
+@pytest.mark.parametrize('shape, kernel', [((4, 10, 10, 16), 3), ((4, 12, 12, 8), 5)])
+def test_bfloat16_as_accurate_as_xla_bfloat16(shape, kernel):
+    """In bfloat16 (AMX or AVX-512-BF16 kernels where the CPU has them) the output and both
+    gradients are of the input's type, the kernel gradient computed in float32, and no further
+    from the float32 result than XLA's own bfloat16 convolution (itself run in float32 and
+    rounded) is."""
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k1, shape)
+    w = jax.random.normal(k2, (kernel, kernel, shape[-1], 24)) * 0.2
+    g = jax.random.normal(k3, (*shape[:3], 24))
+    pad = (kernel - 1) // 2
+    pads = ((pad, pad), (pad, pad))
+
+    def out_and_grads(fn, dtype):
+        y, vjp = jax.vjp(fn, x.astype(dtype), w.astype(dtype))
+        return (y, *vjp(g.astype(dtype)))
+
+    xla = lambda a, b: lax.conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                               precision=lax.Precision.HIGHEST)
+    ours = jax.jit(lambda a, b: onednn.conv(a, b, (1, 1), pads, 1, 2))
+    text = ours.lower(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
+    calls = [line for line in text.splitlines() if 'onednn_conv_' in line]
+    assert calls and all('bf16>' in line and 'f32>' not in line for line in calls)
+    want = out_and_grads(xla, jnp.float32)
+    for got, theirs, ref in zip(out_and_grads(ours, jnp.bfloat16), out_and_grads(xla, jnp.bfloat16), want):
+        assert got.dtype == jnp.bfloat16
+        error = float(jnp.abs(got.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+        xla_error = float(jnp.abs(theirs.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
+        assert error < 1e-2 and error <= 2 * xla_error + 1e-3, (error, xla_error)
+
+
+def test_float32_in_bfloat16_products_under_matmul_precision():
+    """Under jax.default_matmul_precision('bfloat16') float32 operands go to oneDNN rounded to
+    bfloat16 (its bfloat16 kernels), the result and both gradients float32: as close to the
+    float32 result as the bfloat16 operands' own convolution, and not bitwise float32's."""
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(k1, (4, 10, 10, 16))
+    w = jax.random.normal(k2, (3, 3, 16, 24)) * 0.2
+    g = jax.random.normal(k3, (4, 10, 10, 24))
+    pads = ((1, 1), (1, 1))
+
+    def out_and_grads(x, w):
+        y, vjp = jax.vjp(lambda a, b: onednn.conv(a, b, (1, 1), pads, 1, 2), x, w)
+        return (y, *vjp(g.astype(y.dtype)))
+
+    full = jax.jit(out_and_grads)(x, w)
+    with jax.default_matmul_precision('bfloat16'):
+        fast = jax.jit(out_and_grads)(x, w)
+        text = jax.jit(out_and_grads).lower(x, w).as_text()
+    bf16 = jax.jit(out_and_grads)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    calls = [line for line in text.splitlines() if 'onednn_conv_' in line]
+    assert len(calls) == 3 and all('bf16>' in line for line in calls)
+    for got, rounded, want in zip(fast, bf16, full):
+        assert got.dtype == jnp.float32
+        error = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        rounded_error = float(jnp.abs(rounded.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+        assert 0 < error < 1e-2 and error <= 1.5 * rounded_error, (error, rounded_error)
+
+
+@pytest.mark.parametrize('precision, operand_type', [('default', 'f32>'), ('bfloat16', 'bf16>')])
+def test_config_matmul_precision_reaches_the_train_step(precision, operand_type):
+    """Config.matmul_precision is applied where the train step and evaluation are traced."""
+    import optax
+
+    from cifar_flax import train
+    from cifar_flax.config import make_config
+    config = make_config('vgg16', 'seed', batch_size=2, matmul_precision=precision, eval_batch_size=2)
+    model = get_model('vgg16')
+    tx = optax.adam(1e-3)
+    state = jax.eval_shape(lambda: train.create_train_state(config, model, tx))
+    images, labels = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32)
+    variables = jax.eval_shape(lambda: train.model_variables(state))
+    for fn, args in ((train.make_train_step(model, tx, config), (state, (images, labels))),
+                     (train.make_evaluate(model, config), (variables, images.astype(jnp.uint8), labels))):
+        calls = [line for line in jax.jit(fn).lower(*args).as_text().splitlines() if 'onednn_conv_' in line]
+        assert calls and all(operand_type in line.split('->')[0] for line in calls)
+
+
+def test_hybrid_bfloat16_takes_onednn():
+    x, kernel = jnp.zeros((8, 16, 16, 32), jnp.bfloat16), jnp.zeros((3, 3, 32, 32), jnp.bfloat16)
+    assert 'onednn_conv_' in _lowered(layers.conv_hybrid, x, kernel)
 
 
 def test_build_failure_says_why(tmp_path, monkeypatch):

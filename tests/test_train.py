@@ -125,6 +125,7 @@ def test_sigkill_during_save_then_resume(tmp_path, tiny_dataset):
     (dict(batch_size=1024), "larger than the training set"),
     (dict(dropout=0.1), "lenet5 has no Dropout layers"),
     (dict(network="alexnet8", dropout=1.0), "dropout must be below 1"),
+    (dict(matmul_precision="half"), "valid: default"),
 ])
 def test_bad_configurations_fail_before_work(tmp_path, tiny_dataset, overrides, message):
   with pytest.raises(ValueError, match=message):

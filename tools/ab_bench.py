@@ -91,7 +91,8 @@ def call_order(count: int, round_index: int) -> list[int]:
   return [*range(first, count), *range(first)]
 
 
-def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, log=None) -> list[dict]:
+def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, log=None,
+            dtype: str = "float32", matmul_precision: str = "default") -> list[dict]:
   """Compile every variant's training chunk, call them in turn ``rounds`` times; one record each.
   Per-round rates go to ``log`` (default: stderr)."""
   log = log or sys.stderr
@@ -99,7 +100,8 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
 
   from cifar_flax import bench
 
-  config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset)
+  config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset, dtype=dtype,
+                                                              matmul_precision=matmul_precision)
 
   runs = []
   for name, overrides in variants:
@@ -139,6 +141,9 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=4, help="training steps per call (one lax.scan)")
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--data", default=None, help="data spec (see cifar_flax.data)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--matmul-precision", default="default",
+                 help="jax.default_matmul_precision of the programs (cifar_flax.config.MATMUL_PRECISIONS)")
   p.add_argument("variants", nargs="+", help="NAME or NAME:{JSON overrides}; the first is the baseline")
   args = p.parse_args(argv)
   if min(args.batch, args.steps, args.rounds) < 1:
@@ -149,7 +154,8 @@ def main(argv=None) -> None:
     p.error(str(error))
   from cifar_flax import data as data_lib
   for record in compare(args.model, args.batch, args.steps, args.rounds, variants,
-                        data_lib.load_cifar10(args.data)):
+                        data_lib.load_cifar10(args.data), dtype=args.dtype,
+                        matmul_precision=args.matmul_precision):
     print(json.dumps(record), flush=True)
 
 

@@ -153,12 +153,13 @@ def summarize(events: list[dict], instructions: dict[str, dict], steps: int) -> 
           "ops_ms": round(sum(per_op.values()), 4)}
 
 
-def profile(model: str, batch: int, steps: int, calls: int, dataset, conv: str = "auto") -> dict:
+def profile(model: str, batch: int, steps: int, calls: int, dataset, conv: str = "auto",
+            dtype: str = "float32", matmul_precision: str = "default") -> dict:
   import jax
 
   from cifar_flax import bench
 
-  config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset, conv)
+  config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset, conv, dtype, matmul_precision)
   compiled, state = bench.compile_scan_chunk(config, net, tx, chunk_args)
 
   def call(state):
@@ -213,6 +214,9 @@ def main(argv=None) -> None:
   p.add_argument("--top", type=int, default=30, help="how many ops to list")
   p.add_argument("--conv", default="auto", help="convolution implementation (auto, xla, gemm, hybrid, onednn)")
   p.add_argument("--data", default=None, help="data spec (see cifar_flax.data)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--matmul-precision", default="default",
+                 help="jax.default_matmul_precision of the programs (cifar_flax.config.MATMUL_PRECISIONS)")
   p.add_argument("--json", type=Path, default=None, help="also write every op and total here")
   args = p.parse_args(argv)
   if min(args.batch, args.steps, args.calls, args.top) < 1:
@@ -225,7 +229,8 @@ def main(argv=None) -> None:
     check_impl(args.conv, CONV_IMPLS, "conv")
   except ValueError as error:
     p.error(str(error))
-  result = profile(model, args.batch, args.steps, args.calls, data_lib.load_cifar10(args.data), args.conv)
+  result = profile(model, args.batch, args.steps, args.calls, data_lib.load_cifar10(args.data), args.conv,
+                   args.dtype, args.matmul_precision)
   print(report(result, args.top))
   if args.json:
     args.json.write_text(json.dumps(result, indent=1) + "\n")

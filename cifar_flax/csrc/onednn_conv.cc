@@ -1,5 +1,5 @@
-// oneDNN 2-D convolutions (NHWC activations, HWIO kernels, float32) as XLA FFI handlers for
-// the CPU: forward, input gradient and kernel gradient, called from cifar_flax/models/onednn.py
+// oneDNN 2-D convolutions (NHWC activations, HWIO kernels, float32 or bfloat16) as XLA FFI
+// handlers for the CPU: forward, input gradient and kernel gradient, called from cifar_flax/models/onednn.py
 // through jax.ffi.ffi_call. oneDNN is the library PyTorch and TF-Keras run their CPU
 // convolutions on; XLA:CPU's own convolution and the matmul-based forms in layers.py are slower
 // on wide layers with large maps (docs/performance.md).
@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -66,21 +67,41 @@ const int kAllThreads = omp_get_max_threads();
 
 int ThreadsFor(int64_t requested) { return requested == 1 ? 1 : kAllThreads; }
 
-// (N, H, W, C) activations, (KH, KW, C, K) kernel, strides, pads (top, left, bottom, right).
+// (N, H, W, C) activations, (KH, KW, C, K) kernel, strides, pads (top, left, bottom, right), and
+// the data types of the source and destination activations (float32 or bfloat16; a result may be
+// float32 where the operands are bfloat16), of the weights inside the primitive (the operands'
+// type; float32 for a kernel gradient, accumulated so) and of the HWIO buffer XLA passes or
+// receives (the reorder converts between the last two). ``operands`` is the type of the call's
+// activation operands.
 struct ConvShape {
   int64_t n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads;
-  auto Key() const { return std::make_tuple(n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads); }
-  memory::desc Src() const { return memory::desc({n, c, h, w}, dt::f32, tag::nhwc); }
-  memory::desc Dst() const { return memory::desc({n, k, oh, ow}, dt::f32, tag::nhwc); }
-  memory::desc WeightsAny() const { return memory::desc({k, c, kh, kw}, dt::f32, tag::any); }
-  memory::desc WeightsHwio() const { return memory::desc({k, c, kh, kw}, dt::f32, tag::hwio); }
+  dt src = dt::f32, dst = dt::f32, weights = dt::f32, hwio = dt::f32, operands = dt::f32;
+  auto Key() const {
+    return std::make_tuple(n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads, static_cast<int>(src),
+                           static_cast<int>(dst), static_cast<int>(weights), static_cast<int>(hwio));
+  }
+  memory::desc Src() const { return memory::desc({n, c, h, w}, src, tag::nhwc); }
+  memory::desc Dst() const { return memory::desc({n, k, oh, ow}, dst, tag::nhwc); }
+  memory::desc WeightsAny() const { return memory::desc({k, c, kh, kw}, weights, tag::any); }
+  memory::desc WeightsHwio() const { return memory::desc({k, c, kh, kw}, hwio, tag::hwio); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadLo() const { return {pt, pl}; }
   memory::dims PadHi() const { return {pb, pr}; }
   // This shape's activations in a call's buffer, from its image ``first`` on (a piece's).
-  memory SrcAt(float* data, int64_t first) const { return memory(Src(), Engine(), data + first * h * w * c); }
-  memory DstAt(float* data, int64_t first) const { return memory(Dst(), Engine(), data + first * oh * ow * k); }
-  memory Hwio(float* data) const { return memory(WeightsHwio(), Engine(), data); }
+  memory SrcAt(void* data, int64_t first) const {
+    return memory(Src(), Engine(), static_cast<char*>(data) + first * h * w * c * Bytes(src));
+  }
+  memory DstAt(void* data, int64_t first) const {
+    return memory(Dst(), Engine(), static_cast<char*>(data) + first * oh * ow * k * Bytes(dst));
+  }
+  memory Hwio(void* data) const { return memory(WeightsHwio(), Engine(), data); }
+  // The forward convolution of the operands' type, a backward primitive's hint.
+  ConvShape Hint() const {
+    ConvShape hint = *this;
+    hint.src = hint.dst = hint.weights = operands;
+    return hint;
+  }
+  static size_t Bytes(dt type) { return type == dt::bf16 ? 2 : 4; }
 };
 
 // The primitive descriptors, in oneDNN 2.x's API (an operation descriptor first) or 3.x's.
@@ -104,11 +125,11 @@ typename Backward::primitive_desc BackwardPd(const ConvShape& s) {
 #if DNNL_VERSION_MAJOR >= 3
   return typename Backward::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(),
-      s.PadLo(), s.PadHi(), ForwardPd(s), Attr());
+      s.PadLo(), s.PadHi(), ForwardPd(s.Hint()), Attr());
 #else
   typename Backward::desc desc(
       dnnl::algorithm::convolution_direct, s.Src(), s.WeightsAny(), s.Dst(), s.Strides(), s.PadLo(), s.PadHi());
-  return typename Backward::primitive_desc(desc, Attr(), Engine(), ForwardPd(s));
+  return typename Backward::primitive_desc(desc, Attr(), Engine(), ForwardPd(s.Hint()));
 #endif
 }
 
@@ -146,10 +167,40 @@ const Plan& CachedPlan(int kind, const ConvShape& s, Build build) {
   return *slot;
 }
 
-// The call's shape and thread count.
+std::optional<dt> DnnlType(ffi::DataType type) {
+  if (type == ffi::DataType::F32) return dt::f32;
+  if (type == ffi::DataType::BF16) return dt::bf16;
+  return std::nullopt;
+}
+
+// The call's shape, thread count and data types: ``src`` and ``dst`` (its activations'), ``operands``
+// (the type of its activation operands, and of its weights unless it is a kernel gradient, whose
+// weights are float32).
 ConvShape CallShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi::Span<const int64_t> w,
-                    int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads) {
-  return ConvShape{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl, pb, pr, ThreadsFor(threads)};
+                    int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads,
+                    dt src, dt dst, dt operands, bool kernel_grad) {
+  ConvShape s{x[0], x[1], x[2], x[3], y[1], y[2], w[3], w[0], w[1], sh, sw, pt, pl, pb, pr, ThreadsFor(threads)};
+  s.src = src;
+  s.dst = dst;
+  s.operands = operands;
+  s.weights = s.hwio = kernel_grad ? dt::f32 : operands;
+  return s;
+}
+
+// The types a call takes: activation operands ``a`` and ``b`` of one type, float32 or bfloat16;
+// its result of that type or float32 (a kernel gradient's: float32); its weights operand of the
+// operands' type. Else nullopt.
+std::optional<dt> OperandType(ffi::DataType a, ffi::DataType b, ffi::DataType result, bool kernel_grad) {
+  auto type = DnnlType(a);
+  bool result_ok = result == ffi::DataType::F32 || (!kernel_grad && result == a);
+  if (!type || b != a || !result_ok) return std::nullopt;
+  return type;
+}
+
+ffi::Error TypeError() {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                    "oneDNN convolution: operands must be all float32 or all bfloat16, the result of "
+                    "their type or float32 (a kernel gradient float32)");
 }
 
 // Memory a thread reuses from call to call (scratchpads, blocked weights), grown as needed,
@@ -317,74 +368,84 @@ void ForEachPiece(ffi::ThreadPool& pool, const ConvShape& s, int64_t pieces, Bod
   });
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                       int64_t pb, int64_t pr, int64_t threads, int64_t pieces) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads,
+                       int64_t pieces) {
+  auto operands = OperandType(x.element_type(), w.element_type(), y->element_type(), false);
+  if (!operands) return TypeError();
   return Guarded([&] {
-    ConvShape s = CallShape(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    ConvShape s = CallShape(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads,
+                            *operands, *DnnlType(y->element_type()), *operands, false);
     ForEachPiece(pool, s, PiecesFor(pool, pieces, s.n), [&](const ConvShape& p, int64_t first, int64_t) {
       const Plan& plan = CachedPlan(0, p, [&] {
         auto pd = ForwardPd(p);
         return MakePlan(dnnl::convolution_forward(pd), pd, pd.weights_desc(), p, true);
       });
-      Run(plan, {{DNNL_ARG_SRC, p.SrcAt(x.typed_data(), first)}, {DNNL_ARG_DST, p.DstAt(y->typed_data(), first)}},
-          p.Hwio(w.typed_data()), true, DNNL_ARG_WEIGHTS);
+      Run(plan, {{DNNL_ARG_SRC, p.SrcAt(x.untyped_data(), first)}, {DNNL_ARG_DST, p.DstAt(y->untyped_data(), first)}},
+          p.Hwio(w.untyped_data()), true, DNNL_ARG_WEIGHTS);
     });
     return ffi::Error::Success();
   });
 }
 
-ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                         int64_t pb, int64_t pr, int64_t threads, int64_t pieces) {
+ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                         int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads,
+                         int64_t pieces) {
+  auto operands = OperandType(g.element_type(), w.element_type(), dx->element_type(), false);
+  if (!operands) return TypeError();
   return Guarded([&] {
-    ConvShape s = CallShape(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    ConvShape s = CallShape(dx->dimensions(), g.dimensions(), w.dimensions(), sh, sw, pt, pl, pb, pr, threads,
+                            *DnnlType(dx->element_type()), *operands, *operands, false);
     ForEachPiece(pool, s, PiecesFor(pool, pieces, s.n), [&](const ConvShape& p, int64_t first, int64_t) {
       const Plan& plan = CachedPlan(1, p, [&] {
         auto pd = BackwardPd<dnnl::convolution_backward_data>(p);
         return MakePlan(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), p, true);
       });
-      Run(plan, {{DNNL_ARG_DIFF_DST, p.DstAt(g.typed_data(), first)},
-                 {DNNL_ARG_DIFF_SRC, p.SrcAt(dx->typed_data(), first)}},
-          p.Hwio(w.typed_data()), true, DNNL_ARG_WEIGHTS);
+      Run(plan, {{DNNL_ARG_DIFF_DST, p.DstAt(g.untyped_data(), first)},
+                 {DNNL_ARG_DIFF_SRC, p.SrcAt(dx->untyped_data(), first)}},
+          p.Hwio(w.untyped_data()), true, DNNL_ARG_WEIGHTS);
     });
     return ffi::Error::Success();
   });
 }
 
-// Each piece's kernel gradient goes to a buffer of its own (the first to the result), summed after.
-ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
-                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
-                          int64_t pb, int64_t pr, int64_t threads, int64_t pieces) {
+// The kernel gradient, float32 whatever the activations' type. Each piece's goes to a buffer of
+// its own (the first to the result), summed after.
+ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> dw,
+                          int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t pb, int64_t pr, int64_t threads,
+                          int64_t pieces) {
+  auto operands = OperandType(x.element_type(), g.element_type(), dw->element_type(), true);
+  if (!operands) return TypeError();
   return Guarded([&] {
-    ConvShape s = CallShape(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads);
+    ConvShape s = CallShape(x.dimensions(), g.dimensions(), dw->dimensions(), sh, sw, pt, pl, pb, pr, threads,
+                            *operands, *operands, *operands, true);
     const int64_t n_pieces = PiecesFor(pool, pieces, s.n);
     const size_t kernel_size = dw->element_count();
     std::vector<std::vector<float>> partial(n_pieces - 1, std::vector<float>(kernel_size));
+    float* out = static_cast<float*>(dw->untyped_data());
     ForEachPiece(pool, s, n_pieces, [&](const ConvShape& p, int64_t first, int64_t i) {
       const Plan& plan = CachedPlan(2, p, [&] {
         auto pd = BackwardPd<dnnl::convolution_backward_weights>(p);
         return MakePlan(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), p, false);
       });
       Run(plan,
-          {{DNNL_ARG_SRC, p.SrcAt(x.typed_data(), first)}, {DNNL_ARG_DIFF_DST, p.DstAt(g.typed_data(), first)}},
-          p.Hwio(i == 0 ? dw->typed_data() : partial[i - 1].data()), false, DNNL_ARG_DIFF_WEIGHTS);
+          {{DNNL_ARG_SRC, p.SrcAt(x.untyped_data(), first)}, {DNNL_ARG_DIFF_DST, p.DstAt(g.untyped_data(), first)}},
+          p.Hwio(i == 0 ? out : partial[i - 1].data()), false, DNNL_ARG_DIFF_WEIGHTS);
     });
-    float* out = dw->typed_data();
     for (const auto& part : partial)
       for (size_t j = 0; j < kernel_size; ++j) out[j] += part[j];
     return ffi::Error::Success();
   });
 }
 
-// XLA's intra-op thread pool, two float32 operands, one result, the geometry, the OpenMP thread
-// count and the number of pieces.
+// XLA's intra-op thread pool, two operands, one result (float32 or bfloat16: OperandType), the
+// geometry, the OpenMP thread count and the number of pieces.
 #define CONV_BINDING                                                                    \
   ffi::Ffi::Bind()                                                                      \
       .Ctx<ffi::ThreadPool>()                                                           \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+      .Arg<ffi::AnyBuffer>()                                                            \
+      .Arg<ffi::AnyBuffer>()                                                            \
+      .Ret<ffi::AnyBuffer>()                                                            \
       .Attr<int64_t>("stride_h")                                                        \
       .Attr<int64_t>("stride_w")                                                        \
       .Attr<int64_t>("pad_top")                                                         \

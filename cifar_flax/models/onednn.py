@@ -11,6 +11,11 @@ and jaxlib version into the user cache (`$XDG_CACHE_HOME/cifar_flax`, else
 `~/.cache/cifar_flax`) and registered with XLA on first use. Without them, or with
 `CIFAR_FLAX_ONEDNN=0` in the environment, `available()` is False and the XLA forms are used:
 the same parameters and results within float tolerance.
+
+They take bfloat16 as well, which oneDNN runs on AMX or AVX-512-BF16 kernels where the CPU
+has them: a network built with ``dtype=bfloat16``, or float32 operands multiplied in bfloat16
+under ``jax.default_matmul_precision('bfloat16')`` (``Config.matmul_precision``), which keeps
+everything else float32.
 """
 
 from __future__ import annotations
@@ -112,19 +117,25 @@ def require() -> None:
         raise OnednnUnavailable(f'the oneDNN convolutions are not available: {reason}')
 
 
-def _call(target: str, shape, *operands, strides, pads, threads, pieces):
+def _call(target: str, shape, *operands, strides, pads, threads, pieces, dtype=None):
+    """One handler call; its result is of ``dtype``, by default its first operand's."""
     (top, bottom), (left, right) = pads
     attributes = {'stride_h': strides[0], 'stride_w': strides[1], 'pad_top': top, 'pad_left': left,
                   'pad_bottom': bottom, 'pad_right': right, 'threads': threads, 'pieces': pieces}
     # A vmapped call (a sweep's members) runs the members one after another.
-    return jax.ffi.ffi_call(f'onednn_conv_{target}', jax.ShapeDtypeStruct(shape, np.float32),
+    return jax.ffi.ffi_call(f'onednn_conv_{target}', jax.ShapeDtypeStruct(shape, dtype or operands[0].dtype),
                             vmap_method='sequential')(*operands, **{k: np.int64(v) for k, v in attributes.items()})
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, threads: int = 0,
          pieces: int = 1) -> jax.Array:
-    """NHWC x HWIO -> NHWC float32 convolution; ``pads`` ((top, bottom), (left, right)).
+    """NHWC x HWIO -> NHWC convolution; ``pads`` ((top, bottom), (left, right)).
+
+    float32 or bfloat16, both operands the same. In bfloat16 oneDNN runs its AMX or
+    AVX-512-BF16 kernels where the CPU has them, accumulating in float32; the kernel gradient is
+    computed in float32 and rounded to the kernel's type. float32 operands are multiplied in
+    bfloat16 too when traced under ``jax.default_matmul_precision('bfloat16')`` (bfloat16_products):
+    rounded to bfloat16 on the way in, the result and both gradients float32.
 
     ``threads``: 0 runs each of its oneDNN calls on all of oneDNN's OpenMP threads, 1 on one
     (for layers XLA runs beside others: GoogLeNet's branches, models/inception.py).
@@ -132,18 +143,50 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, thread
     intra-op pool), all but the first offered to that pool: a thread XLA leaves idle takes
     them, else the calling thread runs them after its own. Same results (the kernel gradient
     summed over pieces: within float rounding)."""
+    return _conv(x, kernel, strides, pads, threads, pieces, bfloat16_products(x.dtype))
+
+
+def bfloat16_products(dtype) -> bool:
+    """Whether float32 operands are multiplied in bfloat16: JAX's precision for float32 matmuls
+    and convolutions (``jax.default_matmul_precision``, read when traced) is 'bfloat16'."""
+    return dtype == jnp.float32 and jax.config.jax_default_matmul_precision == 'bfloat16'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv(x, kernel, strides, pads, threads, pieces, in_bfloat16):
+    return _conv_fwd(x, kernel, strides, pads, threads, pieces, in_bfloat16)[0]
+
+
+def _conv_fwd(x, kernel, strides, pads, threads, pieces, in_bfloat16):
+    result_type = x.dtype
+    if in_bfloat16:  # the operands rounded once, kept so for the backward (half the memory)
+        x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     n, h, w, _ = x.shape
     kh, kw, _, features = kernel.shape
     out_h = (h + sum(pads[0]) - kh) // strides[0] + 1
     out_w = (w + sum(pads[1]) - kw) // strides[1] + 1
+    options = dict(strides=strides, pads=pads, threads=threads, pieces=pieces, dtype=result_type)
     if forward_as_input_grad(kernel.shape, strides, pads, n * out_h * out_w):
         # the same sums as the input gradient of a conv whose kernel is this one flipped in
         # space, its channel axes swapped (stride 1, 'same' padding: the same geometry)
         flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-        return _call('input_grad', (n, out_h, out_w, features), x, flipped, strides=strides, pads=pads,
-                     threads=threads, pieces=pieces)
-    return _call('forward', (n, out_h, out_w, features), x, kernel, strides=strides, pads=pads, threads=threads,
-                 pieces=pieces)
+        y = _call('input_grad', (n, out_h, out_w, features), x, flipped, **options)
+    else:
+        y = _call('forward', (n, out_h, out_w, features), x, kernel, **options)
+    return y, (x, kernel)
+
+
+def _conv_bwd(strides, pads, threads, pieces, in_bfloat16, residuals, g):
+    x, kernel = residuals
+    result_type = g.dtype  # the operands' before any rounding to bfloat16
+    options = dict(strides=strides, pads=pads, threads=threads, pieces=pieces)
+    g = g.astype(x.dtype)
+    kernel_grad = _call('kernel_grad', kernel.shape, x, g, dtype=np.float32, **options)
+    input_grad = _call('input_grad', x.shape, g, kernel, dtype=result_type, **options)
+    return input_grad, kernel_grad.astype(result_type)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 # oneDNN 2.6's forward kernel (brgconv) runs layers of at most 16 channels at about half the
@@ -164,19 +207,6 @@ def forward_as_input_grad(kernel_shape, strides, pads, out_pixels: int) -> bool:
     same = all(lo == hi == (k - 1) // 2 and k % 2 for (lo, hi), k in zip(pads, (kh, kw)))
     return (tuple(strides) == (1, 1) and same and kh * kw > 1 and out_pixels >= FORWARD_AS_INPUT_GRAD_MIN_PIXELS
             and max(channels, features) <= FORWARD_AS_INPUT_GRAD_MAX_CHANNELS)
-
-
-def _conv_fwd(x, kernel, strides, pads, threads, pieces):
-    return conv(x, kernel, strides, pads, threads, pieces), (x, kernel)
-
-
-def _conv_bwd(strides, pads, threads, pieces, residuals, g):
-    x, kernel = residuals
-    options = dict(strides=strides, pads=pads, threads=threads, pieces=pieces)
-    return _call('input_grad', x.shape, g, kernel, **options), _call('kernel_grad', kernel.shape, x, g, **options)
-
-
-conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def width_fold_applies(width: int, kernel_width: int, stride_width: int, fold: int) -> bool:
