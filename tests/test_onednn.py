@@ -322,3 +322,13 @@ def test_winograd_keeps_small_calls(batch, expect):
     x, kernel = jnp.zeros((batch, 8, 8, 256)), jnp.zeros((3, 3, 256, 256))
     assert layers.winograd_conv_applies(x.shape, kernel.shape, (1, 1), 'SAME')
     assert ('onednn_conv_' in _lowered(layers.conv_hybrid, x, kernel)) == expect
+
+
+@pytest.mark.parametrize('bfloat16', ['dtype', 'products'])
+def test_bfloat16_takes_winograd_layers_at_any_batch(bfloat16):
+    """In bfloat16 (a bfloat16 network, or float32 in bfloat16 products) oneDNN takes the layers
+    Winograd would from any number of output pixels: 8x8x256 at batch 32 too."""
+    dtype = jnp.bfloat16 if bfloat16 == 'dtype' else jnp.float32
+    x, kernel = jnp.zeros((32, 8, 8, 256), dtype), jnp.zeros((3, 3, 256, 256), dtype)
+    with jax.default_matmul_precision('bfloat16' if bfloat16 == 'products' else 'highest'):
+        assert 'onednn_conv_' in _lowered(layers.conv_hybrid, x, kernel)

@@ -881,10 +881,13 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
 # the same layers. In one process at batch 128, every conv of a bfloat16 network through oneDNN
 # (1x1s, 4x4 and 2x2 maps too): VGG16 0.95x (0 of 5 rounds faster), ResNet-18 0.92x (1 of 5);
 # float32 in bfloat16 products with every 3x3 through it: VGG16 0.97x (0 of 5), ResNet-18 1.06x
-# (4 of 5).
+# (4 of 5). But in bfloat16 oneDNN takes the layers Winograd's tiles would at any batch
+# (ONEDNN_BFLOAT16_WINOGRAD_MIN_BATCH_PIXELS; the 8x8 maps at batch 32): in bfloat16 products at
+# batch 32 VGG16 1.19x, ResNet-18 1.135x (7 of 7 rounds each).
 ONEDNN_CONV = True
 ONEDNN_MIN_PIXELS = 25
 ONEDNN_WINOGRAD_MIN_BATCH_PIXELS = 4096
+ONEDNN_BFLOAT16_WINOGRAD_MIN_BATCH_PIXELS = 0
 ONEDNN_POINTWISE = False
 ONEDNN_DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -892,7 +895,9 @@ ONEDNN_DTYPES = (jnp.float32, jnp.bfloat16)
 def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw, strides, padding: str) -> bool:
     pixels = out_hw[0] * out_hw[1]
     batch_pixels = x.shape[0] * pixels
-    enough_work = (batch_pixels >= ONEDNN_WINOGRAD_MIN_BATCH_PIXELS
+    in_bfloat16 = x.dtype == jnp.bfloat16 or onednn.bfloat16_products(x.dtype)
+    min_batch_pixels = ONEDNN_BFLOAT16_WINOGRAD_MIN_BATCH_PIXELS if in_bfloat16 else ONEDNN_WINOGRAD_MIN_BATCH_PIXELS
+    enough_work = (batch_pixels >= min_batch_pixels
                    or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper()))
     return (ONEDNN_CONV and x.dtype == kernel.dtype and x.dtype in ONEDNN_DTYPES
             and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
