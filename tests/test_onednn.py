@@ -3,7 +3,11 @@ hybrid conv's use of them. Skipped where oneDNN is not installed (apt-get instal
 
 import functools
 import importlib.util
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -332,3 +336,32 @@ def test_bfloat16_takes_winograd_layers_at_any_batch(bfloat16):
     x, kernel = jnp.zeros((32, 8, 8, 256), dtype), jnp.zeros((3, 3, 256, 256), dtype)
     with jax.default_matmul_precision('bfloat16' if bfloat16 == 'products' else 'highest'):
         assert 'onednn_conv_' in _lowered(layers.conv_hybrid, x, kernel)
+
+
+def test_cpu_without_bfloat16_kernels_falls_back():
+    """On a CPU whose oneDNN has no bfloat16 convolutions (AVX2 only, simulated with
+    ONEDNN_MAX_CPU_ISA), bfloat16 layers keep the XLA forms, bfloat16 products stay float32, and
+    asking for oneDNN in bfloat16 says why it cannot: training never reaches a failing call."""
+    script = textwrap.dedent('''
+        import jax, jax.numpy as jnp
+        from cifar_flax.models import layers, onednn
+        assert onednn.available() and not onednn.bfloat16_supported()
+        lowered = lambda fn, *a: jax.jit(fn).lower(*a).as_text()
+        x, k = jnp.zeros((8, 16, 16, 32), jnp.bfloat16), jnp.zeros((3, 3, 32, 32), jnp.bfloat16)
+        assert 'onednn_conv_' not in lowered(layers.conv_hybrid, x, k)
+        with jax.default_matmul_precision('bfloat16'):
+            text = lowered(layers.conv_hybrid, x.astype(jnp.float32), k.astype(jnp.float32))
+        calls = [line for line in text.splitlines() if 'onednn_conv_' in line]
+        assert calls and not any('bf16>' in line for line in calls)
+        try:
+            layers.conv_onednn(x, k)
+        except onednn.OnednnUnavailable as e:
+            assert 'bfloat16' in str(e)
+        else:
+            raise AssertionError('conv_onednn took bfloat16 without kernels for it')
+        print('ok')
+    ''')
+    env = {**os.environ, 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-2000:]

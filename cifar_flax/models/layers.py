@@ -854,6 +854,9 @@ def conv_onednn(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding: str = 
     if x.dtype != kernel.dtype or x.dtype not in ONEDNN_DTYPES:
         raise ValueError('the oneDNN convolutions take float32 or bfloat16 activations and kernel of the '
                          f'same type, got {x.dtype} and {kernel.dtype}')
+    if x.dtype == jnp.bfloat16 and not onednn.bfloat16_supported():
+        raise onednn.OnednnUnavailable("oneDNN has no bfloat16 convolutions for this CPU (they need "
+                                       "AVX-512); use conv='hybrid' or float32")
     strides = _pair(strides)
     pads = _pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     return onednn.conv_folded(x, kernel, strides, pads, onednn_threads, onednn_pieces, onednn_fold)
@@ -901,7 +904,8 @@ def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw, strides, padding: st
                    or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper()))
     return (ONEDNN_CONV and x.dtype == kernel.dtype and x.dtype in ONEDNN_DTYPES
             and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
-            and enough_work and onednn.available())
+            and enough_work and onednn.available()
+            and (x.dtype != jnp.bfloat16 or onednn.bfloat16_supported()))
 
 
 def uses_onednn(impl: str) -> bool:

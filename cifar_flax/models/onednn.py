@@ -109,6 +109,22 @@ def available() -> bool:
     return jax.default_backend() == 'cpu' and _load() is None
 
 
+@functools.cache
+def bfloat16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU (it needs AVX-512 at least: an
+    AVX2-only CPU has no bfloat16 kernels, and the call fails). One tiny convolution, run once."""
+    if not available():
+        return False
+    try:
+        with jax.ensure_compile_time_eval():
+            out = _call('forward', (1, 2, 2, 1), jnp.ones((1, 2, 2, 1), jnp.bfloat16),
+                        jnp.full((1, 1, 1, 1), 2, jnp.bfloat16), strides=(1, 1), pads=((0, 0), (0, 0)),
+                        threads=0, pieces=1)
+            return bool(np.array_equal(np.asarray(out, np.float32), np.full((1, 2, 2, 1), 2, np.float32)))
+    except jax.errors.JaxRuntimeError:
+        return False
+
+
 def require() -> None:
     if jax.default_backend() != 'cpu':
         raise OnednnUnavailable(f'the oneDNN convolutions run on the CPU; the backend is {jax.default_backend()!r}')
@@ -148,8 +164,10 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads, thread
 
 def bfloat16_products(dtype) -> bool:
     """Whether float32 operands are multiplied in bfloat16: JAX's precision for float32 matmuls
-    and convolutions (``jax.default_matmul_precision``, read when traced) is 'bfloat16'."""
-    return dtype == jnp.float32 and jax.config.jax_default_matmul_precision == 'bfloat16'
+    and convolutions (``jax.default_matmul_precision``, read when traced) is 'bfloat16', and
+    oneDNN has bfloat16 kernels for this CPU (else float32 products, as XLA:CPU's own)."""
+    return (dtype == jnp.float32 and jax.config.jax_default_matmul_precision == 'bfloat16'
+            and bfloat16_supported())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
