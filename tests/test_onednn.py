@@ -361,7 +361,24 @@ def test_cpu_without_bfloat16_kernels_falls_back():
             raise AssertionError('conv_onednn took bfloat16 without kernels for it')
         print('ok')
     ''')
-    env = {**os.environ, 'ONEDNN_MAX_CPU_ISA': 'AVX2'}
-    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+    _run_in_fresh_process(script, ONEDNN_MAX_CPU_ISA='AVX2')
+
+
+def test_first_load_under_bfloat16_precision():
+    """The library's first load (its test convolution) may happen while a model is traced under
+    jax.default_matmul_precision('bfloat16'): it must not recurse into itself through the
+    bfloat16 probe (it did, until the probes called the handler directly)."""
+    _run_in_fresh_process(textwrap.dedent('''
+        import jax
+        from cifar_flax.models import onednn
+        with jax.default_matmul_precision('bfloat16'):
+            assert onednn.available() and onednn.bfloat16_supported()
+        print('ok')
+    '''))
+
+
+def _run_in_fresh_process(script: str, **env):
+    """``script`` in a new interpreter (oneDNN's load and its probes are once per process)."""
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-2000:]

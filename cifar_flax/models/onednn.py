@@ -91,13 +91,18 @@ def _load() -> str | None:
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f'onednn_conv_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform='cpu')
-    # One tiny convolution, run now (also when called while a model is being traced): a library
-    # that builds and loads may still fail at run time (a oneDNN without a usable CPU engine).
+    # A library that builds and loads may still fail at run time (a oneDNN without a usable CPU engine).
+    return _test_convolution(np.float32)
+
+
+def _test_convolution(dtype) -> str | None:
+    """One tiny forward handler call in ``dtype``, run now (also when called while a model is being
+    traced, under whatever matmul precision): None when it gives the right result, else why not."""
     try:
         with jax.ensure_compile_time_eval():
-            out = conv(np.ones((1, 2, 2, 1), np.float32), np.full((1, 1, 1, 1), 2, np.float32), (1, 1),
-                       ((0, 0), (0, 0)))
-            if not np.array_equal(np.asarray(out), np.full((1, 2, 2, 1), 2, np.float32)):
+            out = _call('forward', (1, 2, 2, 1), jnp.ones((1, 2, 2, 1), dtype), jnp.full((1, 1, 1, 1), 2, dtype),
+                        strides=(1, 1), pads=((0, 0), (0, 0)), threads=0, pieces=1)
+            if not np.array_equal(np.asarray(out, np.float32), np.full((1, 2, 2, 1), 2, np.float32)):
                 return f'a test convolution gave {np.asarray(out).ravel()} instead of 2s'
     except jax.errors.JaxRuntimeError as e:
         return f'a test convolution failed: {e}'
@@ -113,16 +118,7 @@ def available() -> bool:
 def bfloat16_supported() -> bool:
     """Whether oneDNN runs bfloat16 convolutions on this CPU (it needs AVX-512 at least: an
     AVX2-only CPU has no bfloat16 kernels, and the call fails). One tiny convolution, run once."""
-    if not available():
-        return False
-    try:
-        with jax.ensure_compile_time_eval():
-            out = _call('forward', (1, 2, 2, 1), jnp.ones((1, 2, 2, 1), jnp.bfloat16),
-                        jnp.full((1, 1, 1, 1), 2, jnp.bfloat16), strides=(1, 1), pads=((0, 0), (0, 0)),
-                        threads=0, pieces=1)
-            return bool(np.array_equal(np.asarray(out, np.float32), np.full((1, 2, 2, 1), 2, np.float32)))
-    except jax.errors.JaxRuntimeError:
-        return False
+    return available() and _test_convolution(jnp.bfloat16) is None
 
 
 def require() -> None:
