@@ -36,8 +36,8 @@ DEFAULT_SCAN_STEPS = 50
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cifar_flax.models import CONV_IMPLS, MODEL_NAMES, POOL_IMPLS
     from cifar_flax.config import MATMUL_PRECISIONS
+    from cifar_flax.models import CONV_IMPLS, MODEL_NAMES, POOL_IMPLS
     from cifar_flax.models.layers import DTYPES
     p = argparse.ArgumentParser(prog='python -m cifar_flax.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help=f"one of {', '.join(MODEL_NAMES)} (or googlenet)")

@@ -135,6 +135,7 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
 
 
 def main(argv=None) -> None:
+  from cifar_flax.config import MATMUL_PRECISIONS
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True)
   p.add_argument("--batch", type=int, default=128)
@@ -142,8 +143,8 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--data", default=None, help="data spec (see cifar_flax.data)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--matmul-precision", default="default",
-                 help="jax.default_matmul_precision of the programs (cifar_flax.config.MATMUL_PRECISIONS)")
+  p.add_argument("--matmul-precision", default="default", choices=MATMUL_PRECISIONS,
+                 help="jax.default_matmul_precision of the programs")
   p.add_argument("variants", nargs="+", help="NAME or NAME:{JSON overrides}; the first is the baseline")
   args = p.parse_args(argv)
   if min(args.batch, args.steps, args.rounds) < 1:

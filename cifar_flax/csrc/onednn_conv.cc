@@ -69,21 +69,20 @@ int ThreadsFor(int64_t requested) { return requested == 1 ? 1 : kAllThreads; }
 
 // (N, H, W, C) activations, (KH, KW, C, K) kernel, strides, pads (top, left, bottom, right), and
 // the data types of the source and destination activations (float32 or bfloat16; a result may be
-// float32 where the operands are bfloat16), of the weights inside the primitive (the operands'
-// type; float32 for a kernel gradient, accumulated so) and of the HWIO buffer XLA passes or
-// receives (the reorder converts between the last two). ``operands`` is the type of the call's
-// activation operands.
+// float32 where the operands are bfloat16) and of the weights (the operands' type; float32 for a
+// kernel gradient, accumulated so), in XLA's HWIO buffer and in the primitive's layout alike.
+// ``operands`` is the type of the call's activation operands.
 struct ConvShape {
   int64_t n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads;
-  dt src = dt::f32, dst = dt::f32, weights = dt::f32, hwio = dt::f32, operands = dt::f32;
+  dt src = dt::f32, dst = dt::f32, weights = dt::f32, operands = dt::f32;
   auto Key() const {
     return std::make_tuple(n, h, w, c, oh, ow, k, kh, kw, sh, sw, pt, pl, pb, pr, threads, static_cast<int>(src),
-                           static_cast<int>(dst), static_cast<int>(weights), static_cast<int>(hwio));
+                           static_cast<int>(dst), static_cast<int>(weights));
   }
   memory::desc Src() const { return memory::desc({n, c, h, w}, src, tag::nhwc); }
   memory::desc Dst() const { return memory::desc({n, k, oh, ow}, dst, tag::nhwc); }
   memory::desc WeightsAny() const { return memory::desc({k, c, kh, kw}, weights, tag::any); }
-  memory::desc WeightsHwio() const { return memory::desc({k, c, kh, kw}, hwio, tag::hwio); }
+  memory::desc WeightsHwio() const { return memory::desc({k, c, kh, kw}, weights, tag::hwio); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadLo() const { return {pt, pl}; }
   memory::dims PadHi() const { return {pb, pr}; }
@@ -183,7 +182,7 @@ ConvShape CallShape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y, ffi:
   s.src = src;
   s.dst = dst;
   s.operands = operands;
-  s.weights = s.hwio = kernel_grad ? dt::f32 : operands;
+  s.weights = kernel_grad ? dt::f32 : operands;
   return s;
 }
 

@@ -897,15 +897,14 @@ ONEDNN_DTYPES = (jnp.float32, jnp.bfloat16)
 
 def onednn_applies(x: jax.Array, kernel: jax.Array, out_hw, strides, padding: str) -> bool:
     pixels = out_hw[0] * out_hw[1]
-    batch_pixels = x.shape[0] * pixels
+    if not (ONEDNN_CONV and x.dtype == kernel.dtype and x.dtype in ONEDNN_DTYPES
+            and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
+            and onednn.available() and (x.dtype != jnp.bfloat16 or onednn.bfloat16_supported())):
+        return False
     in_bfloat16 = x.dtype == jnp.bfloat16 or onednn.bfloat16_products(x.dtype)
     min_batch_pixels = ONEDNN_BFLOAT16_WINOGRAD_MIN_BATCH_PIXELS if in_bfloat16 else ONEDNN_WINOGRAD_MIN_BATCH_PIXELS
-    enough_work = (batch_pixels >= min_batch_pixels
-                   or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper()))
-    return (ONEDNN_CONV and x.dtype == kernel.dtype and x.dtype in ONEDNN_DTYPES
-            and (ONEDNN_POINTWISE or kernel.shape[:2] != (1, 1)) and pixels >= ONEDNN_MIN_PIXELS
-            and enough_work and onednn.available()
-            and (x.dtype != jnp.bfloat16 or onednn.bfloat16_supported()))
+    return (x.shape[0] * pixels >= min_batch_pixels
+            or not winograd_conv_applies(x.shape, kernel.shape, strides, padding.upper()))
 
 
 def uses_onednn(impl: str) -> bool:
