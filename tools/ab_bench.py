@@ -101,7 +101,7 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
   from cifar_flax import bench
 
   config, net, tx, chunk_args = bench.scan_chunk_setup(model, batch, steps, dataset, dtype=dtype,
-                                                              matmul_precision=matmul_precision)
+                                                       matmul_precision=matmul_precision)
 
   runs = []
   for name, overrides in variants:
@@ -135,14 +135,14 @@ def compare(model: str, batch: int, steps: int, rounds: int, variants, dataset, 
 
 
 def main(argv=None) -> None:
-  from cifar_flax.config import MATMUL_PRECISIONS
+  from cifar_flax.config import DTYPES, MATMUL_PRECISIONS
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--steps", type=int, default=4, help="training steps per call (one lax.scan)")
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--data", default=None, help="data spec (see cifar_flax.data)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=DTYPES, default="float32")
   p.add_argument("--matmul-precision", default="default", choices=MATMUL_PRECISIONS,
                  help="jax.default_matmul_precision of the programs")
   p.add_argument("variants", nargs="+", help="NAME or NAME:{JSON overrides}; the first is the baseline")

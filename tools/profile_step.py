@@ -206,7 +206,7 @@ def report(result: dict, top: int) -> str:
 
 
 def main(argv=None) -> None:
-  from cifar_flax.config import MATMUL_PRECISIONS
+  from cifar_flax.config import DTYPES, MATMUL_PRECISIONS
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--model", required=True)
   p.add_argument("--batch", type=int, default=128)
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
   p.add_argument("--top", type=int, default=30, help="how many ops to list")
   p.add_argument("--conv", default="auto", help="convolution implementation (auto, xla, gemm, hybrid, onednn)")
   p.add_argument("--data", default=None, help="data spec (see cifar_flax.data)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=DTYPES, default="float32")
   p.add_argument("--matmul-precision", default="default", choices=MATMUL_PRECISIONS,
                  help="jax.default_matmul_precision of the programs")
   p.add_argument("--json", type=Path, default=None, help="also write every op and total here")
