@@ -36,9 +36,8 @@ DEFAULT_SCAN_STEPS = 50
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from cifar_flax.config import MATMUL_PRECISIONS
+    from cifar_flax.config import DTYPES, MATMUL_PRECISIONS
     from cifar_flax.models import CONV_IMPLS, MODEL_NAMES, POOL_IMPLS
-    from cifar_flax.models.layers import DTYPES
     p = argparse.ArgumentParser(prog='python -m cifar_flax.bench', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help=f"one of {', '.join(MODEL_NAMES)} (or googlenet)")
     p.add_argument('--batch', type=int, default=128, help='global batch size')
@@ -48,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--window-seconds', type=float, default=2.0)
     p.add_argument('--windows', type=int, default=5, help='timed windows (the median is reported)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
-    p.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
+    p.add_argument('--dtype', default='float32', choices=DTYPES)
     p.add_argument('--matmul-precision', default='default', choices=MATMUL_PRECISIONS,
                    help="jax.default_matmul_precision for the programs; 'bfloat16' on the CPU: oneDNN's "
                         'convolutions multiply float32 operands in bfloat16 (AMX where the CPU has it)')

@@ -27,6 +27,7 @@ import numpy as np
 from flax import linen as nn
 from jax import custom_batching, lax
 
+from .. import config
 from . import onednn
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -44,7 +45,7 @@ MONOTONE_ACTIVATIONS = frozenset({'relu', 'sigmoid', 'tanh', 'elu', 'leaky_relu'
 
 CONV_IMPLS = ('auto', 'xla', 'gemm', 'hybrid', 'onednn')
 POOL_IMPLS = ('auto', 'xla', 'slices')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in config.DTYPES}  # the names, as the CLIs take them
 
 # Keras defaults, so that runs are comparable with the Keras reference code.
 BN_MOMENTUM = 0.99
@@ -65,7 +66,7 @@ def get_dtype(dtype: Any) -> Any:
         if dtype not in DTYPES:
             raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(DTYPES)}')
         return DTYPES[dtype]
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    if jnp.dtype(dtype) not in {jnp.dtype(t) for t in DTYPES.values()}:
         raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(DTYPES)}')
     return dtype
 
