@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .. import config
 from .layers import Conv, batch_norm, conv_batch_norm, dense, get_activation, global_avg_pool, materialize, max_pool
 
-BN_MODES = ('batch', 'frozen')
+BN_MODES = config.BN_MODES
 # oneDNN's threads for the branches' convs (layers.Conv.onednn_threads): one, so that XLA runs
 # the four branches' layers side by side on the cores. In one process (tools/ab_bench.py), oneDNN
 # for the branches' 3x3s and 5x5s, against XLA's forms: batch 32 1.33x on one thread, 0.91x on
